@@ -166,7 +166,7 @@ def drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, *, pos_weight=3000.
     if not (gen_feats.keys() == pos_feats.keys() == neg_feats.keys() == ref_feats.keys()):
         raise ValueError("gen, pos, neg and ref feature dicts must have the same keys")
     targets = {}
-    stats = dict.fromkeys(("loss_pref", "loss_ref", "dist_pos", "dist_neg", "dist_ref"), 0.0)
+    stats = dict.fromkeys(("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"), 0.0)
     for key, x in gen_feats.items():
         x = x.detach().float()
         Vp, sp = preference_field(x, pos_feats[key], neg_feats[key], pos_weight=pos_weight,
@@ -177,6 +177,7 @@ def drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, *, pos_weight=3000.
         # At the current point gen/sigma - goal = -V, so each term's loss value is mean(V^2).
         stats["loss_pref"] += Vp.pow(2).mean().item()
         stats["loss_ref"] += Vr.pow(2).mean().item()
+        stats["field_rms"] += Vp.pow(2).mean().sqrt().item() / len(gen_feats)
         for name, y in (("dist_pos", pos_feats[key]), ("dist_neg", neg_feats[key]), ("dist_ref", ref_feats[key])):
             stats[name] += torch.cdist(x, y.float()).mean().item() / len(gen_feats)
     return targets, stats
@@ -233,3 +234,696 @@ def select_pos_neg(scores, n_pos, n_neg):
     pos_idx = order[..., :n_pos]
     neg_idx = order[..., K - n_neg:].flip(-1)
     return pos_idx, neg_idx
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Models and one-step sampling (DESIGN.md section 4)
+# ----------------------------------------------------------------------------------------
+
+MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo"}
+ONE_STEP_T = 999  # SD-Turbo is sampled with a single step at the last training timestep
+
+
+def load_pipeline(model, dtype=torch.float32):
+    """A StableDiffusionPipeline from an alias, a hub id or a local diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    path = MODEL_ALIASES.get(model, model)
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"--model {model}: no such folder. Pass a diffusers pipeline folder, a hub id, "
+                                f"or make an offline demo model with `python drpo.py --make-tiny {model}`")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().is_dir()
+                                                       else path, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
+            f"  Known aliases: {', '.join(MODEL_ALIASES)}. Hub models download on first use; offline, fetch it on a "
+            f"machine with internet (`huggingface-cli download {path} --local-dir DIR`) and pass --model DIR. "
+            f"For an offline demo: `python drpo.py --make-tiny DIR`.") from e
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
+                         f"such as sd-turbo")
+    return pipe
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts):
+    """CLIP text embeddings exactly as the pipeline computes them (max-length padding)."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def one_step(unet, z, text_emb, alpha_bar):
+    """The clean latent x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) at t = 999, a = alphas_cumprod[999].
+
+    Matches the stock pipeline (Euler, trailing spacing, one step) on the same noise z: it starts
+    from sigma * z with sigma = sqrt((1 - a) / a) and feeds x_t = sigma * z / sqrt(sigma^2 + 1) =
+    sqrt(1 - a) * z to the UNet, so x0 = sigma * (z - eps).
+    """
+    x_t = ((1 - alpha_bar).sqrt() * z.float()).to(unet.dtype)
+    eps = unet(x_t, ONE_STEP_T, encoder_hidden_states=text_emb).sample
+    return ((1 - alpha_bar) / alpha_bar).sqrt() * (z.float() - eps.float())
+
+
+def decode(vae, latents):
+    """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [0, 1] -> PIL images, rounded like the diffusers pipeline."""
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+@contextlib.contextmanager
+def lora_off(unet):
+    """The frozen base generator G_0: the same UNet with its adapter switched off (DESIGN.md 1),
+    so no second copy of the UNet is needed."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def add_lora(unet, rank, alpha, targets):
+    """Freeze the UNet and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
+                                target_modules=list(targets)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # fp32 master weights for the LoRA even when the base is bf16
+        p.data = p.data.float()
+    return params
+
+
+def lora_state(unet):
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_lora(unet, out_dir):
+    """pytorch_lora_weights.safetensors in diffusers format: `pipe.load_lora_weights(out_dir)`."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(out_dir) / "pytorch_lora_weights.safetensors")
+
+
+def make_tiny(out_dir, seed=0):
+    """A small SD-architecture pipeline with random weights (DESIGN.md 7), saved with save_pretrained."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos))
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    vae = AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="trailing", steps_offset=1)  # as sd-turbo's
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Rewards (DESIGN.md section 6): (images, prompts) -> one float per image, ranking only.
+# ----------------------------------------------------------------------------------------
+
+def brightness_reward(images, prompts):
+    """Mean pixel value in [0, 1]: a toy reward with an obvious optimum, for demos and tests."""
+    import numpy as np
+
+    return torch.tensor([float(np.asarray(im.convert("RGB"), dtype=np.float32).mean() / 255) for im in images])
+
+
+def jpeg_reward(images, prompts):
+    """Minus the JPEG size at quality 95, in kB: the classic non-differentiable reward."""
+    sizes = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+        sizes.append(-buf.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def random_reward(images, prompts):
+    """Uniform noise, drawn from a hash of the pixels: the control run that shows gains come from
+    the reward. Deterministic in the image, so resumed runs see the same scores."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "little") / 2 ** 64
+                         for im in images])
+
+
+WEIGHT_FREE_REWARDS = {"brightness": brightness_reward, "jpeg": jpeg_reward, "random": random_reward}
+
+
+def load_reward(spec, device="cpu", batch_size=8):
+    """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
+
+    spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
+    (each member z-scored over the call's images, then weighted and summed).
+    """
+    members = [m.strip() for m in spec.split(",") if m.strip()]
+    if not members:
+        raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
+    parsed = []
+    for m in members:
+        parts = m.split(":")
+        weight = 1.0
+        if len(parts) > 1:
+            try:
+                weight = float(parts[-1])
+                parts = parts[:-1]
+            except ValueError:
+                pass
+        parsed.append((":".join(parts), weight))
+    fns = [(name, _load_one_reward(name, device), w) for name, w in parsed]
+
+    @torch.no_grad()
+    def reward(images, prompts):
+        if len(images) != len(prompts):
+            raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
+        total = 0.0
+        for name, fn, w in fns:
+            s = torch.cat([_as_scores(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
+                                      len(images[i:i + batch_size]), name)
+                           for i in range(0, len(images), batch_size)])
+            if len(fns) == 1:
+                return s
+            total = total + w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8)
+        return total
+
+    return reward
+
+
+def _as_scores(out, n, name):
+    s = torch.as_tensor(out, dtype=torch.float32).detach().cpu().flatten()
+    if s.numel() != n:
+        raise ValueError(f"reward {name!r} returned {s.numel()} scores for {n} images; return one float per image")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
+                         f"(training stops rather than rank on invalid scores)")
+    return s
+
+
+def _load_one_reward(name, device):
+    if name in WEIGHT_FREE_REWARDS:
+        return WEIGHT_FREE_REWARDS[name]
+    if ":" in name:
+        module, _, fn = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} ({e}); "
+                             f"make sure the module is on PYTHONPATH") from e
+    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(WEIGHT_FREE_REWARDS)}, "
+                     f"or `module.path:function` for your own, or a comma list of these")
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Feature maps phi (DESIGN.md section 5): latents (B, 4, h, w) -> {key: (B, T, D)}
+# ----------------------------------------------------------------------------------------
+
+def map_stats(fmap, prefix):
+    """Mean/std over all positions and over p x p patches (row-major) of a (B, C, h, w) map."""
+    B, C, h, w = fmap.shape
+    fmap = fmap.float()
+    out = {f"{prefix}_mean": fmap.mean((2, 3))[:, None],
+           f"{prefix}_std": (fmap.var((2, 3), unbiased=False) + 1e-6).sqrt()[:, None]}
+    for p in (2, 4):
+        if h % p or w % p:
+            continue
+        patches = fmap.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p * p)
+        out[f"{prefix}_mean_{p}"] = patches.mean(-1)
+        out[f"{prefix}_std_{p}"] = (patches.var(-1, unbiased=False) + 1e-6).sqrt()
+    return out
+
+
+def latent_features():
+    """The latents themselves (an ablation: the paper finds them worse than the base model)."""
+    return lambda latents, noise=None: map_stats(latents, "latent")
+
+
+def mae_features(ckpt_path, device="cpu"):
+    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (DESIGN.md 5).
+    Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"latent-MAE checkpoint {ckpt_path!r} not found. Get it with `pip install modelscope` then "
+            f"`modelscope download --model jiangzhou130v1/drpo-mae-latent-256 mae_latent_256_torch.pth "
+            f"--local_dir DIR`, and pass --mae-ckpt DIR/mae_latent_256_torch.pth (or use --features unet)")
+    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    sd = raw.get("state_dict") or raw.get("model_state_dict") or {k: v for k, v in raw.items() if torch.is_tensor(v)}
+    layers = raw.get("metadata", {}).get("model_config", {}).get("layers", [3, 4, 6, 3])
+    W = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        name, _, kind = k.rpartition(".")
+        if kind == "kernel":  # JAX layout (H, W, in, out) -> torch (out, in, H, W)
+            v = v.permute(3, 2, 0, 1)
+        W[name + {"kernel": ".weight", "scale": ".weight"}.get(kind, "." + kind)] = v.float().to(device)
+
+    def conv(x, name, stride=1):
+        k = W[name + ".weight"]
+        return F.conv2d(x, k, stride=stride, padding=k.shape[-1] // 2)
+
+    def gn(x, name):
+        groups = max(g for g in range(1, 33) if x.shape[1] % g == 0)
+        return F.group_norm(x, groups, W[name + ".weight"], W[name + ".bias"], eps=1e-5)
+
+    def phi(latents, noise=None):
+        h = F.relu(gn(conv(latents.float(), "encoder.conv1"), "encoder.gn1"))
+        for s, n_blocks in enumerate(layers):
+            for b in range(n_blocks):
+                p, stride = f"encoder.stages_{s}.layers_{b}", 2 if (s > 0 and b == 0) else 1
+                y = F.relu(gn(conv(h, p + ".conv1", stride), p + ".gn1"))
+                y = gn(conv(y, p + ".conv2"), p + ".gn2")
+                short = gn(conv(h, p + ".proj_conv", stride), p + ".proj_gn") if p + ".proj_conv.weight" in W else h
+                h = F.relu(short + y)
+            h = gn(h, f"encoder.layer{s + 1}_norm")
+        return map_stats(h, "layer4")
+
+    return phi
+
+
+class _StopForward(Exception):
+    """Raised by the last feature hook: the UNet layers after it are not needed."""
+
+
+def unet_features(unet, uncond_emb, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t=100, noise_level=0.1):
+    """Teacher-UNet features: outputs of deep blocks of the frozen base UNet (LoRA off) on the
+    latent + noise_level * noise at timestep t, average-pooled to 4x4, one vector per block.
+
+    Conditioned on the empty prompt, so phi is one fixed function of the latent. The caller passes
+    the noise so that a latent featurized twice (ranking, then regression) sees the same draw.
+    """
+    modules = {}
+    for name in layers:
+        m = unet
+        for part in name.split("."):
+            m = m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)
+        modules[name] = m
+
+    def phi(latents, noise):
+        outs = {}
+
+        def hook(name):
+            def fn(module, inputs, output):
+                outs[name] = output[0] if isinstance(output, tuple) else output
+                if len(outs) == len(modules):
+                    raise _StopForward
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        try:
+            with lora_off(unet), contextlib.suppress(_StopForward):
+                x = latents + noise_level * noise
+                unet(x.to(unet.dtype), t, encoder_hidden_states=uncond_emb.expand(len(x), -1, -1))
+        finally:
+            for h in handles:
+                h.remove()
+        return {f"unet.{n}": F.adaptive_avg_pool2d(outs[n].float(), 4).flatten(1)[:, None] for n in modules}
+
+    return phi
+
+
+def dinov2_features(vae, model_id="facebook/dinov2-base", device="cpu", dtype=torch.float32):
+    """Decode with the VAE (with gradient), then DINOv2: the CLS token and patch-token statistics."""
+    from transformers import AutoModel
+
+    try:
+        net = AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
+    except OSError as e:
+        raise OSError(f"could not load DINOv2 {model_id!r} ({str(e).splitlines()[0]}); download it with "
+                           f"`huggingface-cli download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    patch = net.config.patch_size
+
+    def phi(latents, noise=None):
+        img = F.interpolate(decode(vae, latents), size=(224, 224), mode="bilinear", antialias=True)
+        hidden = net(pixel_values=((img - mean) / std).to(dtype)).last_hidden_state.float()
+        side = 224 // patch
+        grid = hidden[:, 1:].transpose(1, 2).reshape(len(img), -1, side, side)
+        return {"dinov2_cls": hidden[:, :1], **map_stats(grid, "dinov2")}
+
+    return phi
+
+
+FEATURES = ("unet", "mae", "latent", "dinov2")
+
+
+def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-1", "mid_block", "up_blocks.0"),
+                  dinov2="facebook/dinov2-base", device="cpu"):
+    """A feature map phi(latents, noise=None) -> {key: (B, T, D)} by name (see FEATURES)."""
+    if name == "mae":
+        return mae_features(mae_ckpt, device)
+    if name == "latent":
+        return latent_features()
+    if name == "unet":
+        return unet_features(pipe.unet, encode_prompts(pipe, [""]), unet_layers)
+    if name == "dinov2":
+        return dinov2_features(pipe.vae, dinov2, device, pipe.vae.dtype)
+    raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
+
+
+# ----------------------------------------------------------------------------------------
+# 5. The training loop (DESIGN.md section 1, defaults of section 3)
+# ----------------------------------------------------------------------------------------
+
+DEFAULT_PROMPTS = [
+    "a photo of a red fox in a snowy forest", "a bowl of ramen on a wooden table, studio lighting",
+    "an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse at dusk",
+    "a cozy cabin in the mountains, golden hour", "a portrait of an old fisherman, dramatic light",
+    "a futuristic city skyline at night, neon reflections", "a corgi wearing sunglasses on a beach",
+    "a still life of sunflowers in a blue vase", "a steampunk airship above the clouds",
+    "a macro photo of a dew drop on a leaf", "a knight in ornate armor in a cathedral",
+    "a cup of coffee with latte art, top view", "an ancient temple overgrown by jungle",
+    "a hot air balloon festival over a desert", "a robot reading a book in a library",
+]
+
+
+def read_prompts(path):
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file; give a text file with one prompt per line")
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename, so an interrupt never leaves half a file."""
+    tmp = Path(f"{path}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def sample_grid(pipe, prompts, noises, alpha_bar):
+    """One row per prompt, one column per fixed noise; the current LoRA on."""
+    from PIL import Image
+
+    with torch.no_grad():
+        emb = encode_prompts(pipe, prompts).repeat_interleave(len(noises), 0)
+        z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
+        imgs = to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar)))
+    w, h = imgs[0].size
+    grid = Image.new("RGB", (w * len(noises), h * len(prompts)))
+    for i, im in enumerate(imgs):
+        grid.paste(im, ((i % len(noises)) * w, (i // len(noises)) * h))
+    return grid
+
+
+def train(args):
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
+    out = Path(args.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
+                              f"--overwrite to start over there, or choose a new folder")
+    if args.n_pos + args.n_neg > args.candidates:
+        raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
+                         f"positives and negatives must be disjoint candidates")
+    prompts = read_prompts(args.prompts)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
+    pipe = load_pipeline(args.model, dtype).to(device)
+    unet, vae = pipe.unet, pipe.vae
+    torch.manual_seed(args.seed)  # the LoRA's random A matrices
+    params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    reward_fn = load_reward(args.reward, args.reward_device or device, args.reward_batch)
+    phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
+                        dinov2=args.dinov2, device=device)
+    alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
+    side = (args.resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    shape = (unet.config.in_channels, side, side)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
+                        ref_neg_weight=args.ref_neg_weight, lambda_ref=args.lambda_ref, radii=args.radii,
+                        ref_radii=args.ref_radii, kernel=args.kernel)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
+
+    # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
+    rng = torch.Generator().manual_seed(args.seed)
+    grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+    grid_prompts = prompts[: args.grid_prompts]
+    step, order = 0, []
+    if args.resume and ckpt_path.exists():
+        from peft.utils import set_peft_model_state_dict
+
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(unet, ckpt["lora"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng.set_state(ckpt["rng"])
+        step, order = ckpt["step"], ckpt["order"]
+        # drop metric lines written after the checkpoint, so the log matches an uninterrupted run
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(
+            "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+
+    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True)
+    while step < args.max_steps:
+        t0 = time.time()
+        log = {"scores": [], "pos": [], "neg": [], "loss_pref": 0.0, "loss_ref": 0.0, "field_rms": 0.0,
+               "dist_pos": 0.0, "dist_neg": 0.0, "dist_ref": 0.0}
+        for _ in range(args.grad_accum):
+            while len(order) < B:  # walk through the prompts in a fresh random order each epoch
+                order += torch.randperm(len(prompts), generator=rng).tolist()
+            batch, order = [prompts[i] for i in order[:B]], order[B:]
+            z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+            feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+            emb = encode_prompts(pipe, batch).repeat_interleave(K, 0)
+
+            # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
+            with torch.no_grad(), autocast:
+                x = one_step(unet, z, emb, alpha_bar)
+                with lora_off(unet):
+                    r = one_step(unet, z, emb, alpha_bar)
+
+            # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
+            with torch.no_grad(), autocast:
+                images = [im for i in range(0, B * K, args.reward_batch)
+                          for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
+            scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
+            pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+
+            # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
+            with torch.no_grad(), autocast:
+                fx, fr = phi(x, feat_noise), phi(r, feat_noise)
+            gen, ref, pos, neg = {}, {}, {}, {}
+            for key, f in fx.items():
+                f = f.view(B, K, *f.shape[1:])
+                gen[key], ref[key] = f.flatten(1, 2), fr[key].view(B, -1, f.shape[-1])
+                pos[key] = torch.stack([f[b, pos_idx[b]] for b in range(B)]).flatten(1, 2)
+                neg[key] = torch.stack([f[b, neg_idx[b]] for b in range(B)]).flatten(1, 2)
+
+            # 4. Field: preference dipole and reference drift on the detached features -> targets.
+            targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
+
+            # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
+            zs, ns, es = (t.view(B, K, *t.shape[1:]) for t in (z, feat_noise, emb))
+            for c0 in range(0, K, C):
+                zc, nc, ec = (t[:, c0:c0 + C].flatten(0, 1) for t in (zs, ns, es))
+                with autocast:
+                    fc = phi(one_step(unet, zc, ec, alpha_bar), nc)
+                fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
+                (regression_loss(fc, targets, start=c0, n_total=K) / args.grad_accum).backward()
+
+            log["scores"].append(scores.flatten())
+            log["pos"].append(scores.gather(1, pos_idx).flatten())
+            log["neg"].append(scores.gather(1, neg_idx).flatten())
+            for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"):
+                log[k] += stats[k] / args.grad_accum
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        scores = torch.cat(log.pop("scores"))
+        metrics = {"step": step, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+                   "pos_mean": torch.cat(log.pop("pos")).mean().item(), "neg_mean": torch.cat(log.pop("neg")).mean().item(),
+                   **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+                   "seconds": time.time() - t0}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
+                        pos=f"{metrics['pos_mean']:.4g}", neg=f"{metrics['neg_mean']:.4g}",
+                        loss=f"{metrics['loss_pref']:.3g}")
+        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            (out / "samples").mkdir(exist_ok=True)
+            with autocast:
+                grid = sample_grid(pipe, grid_prompts, grid_noises, alpha_bar)
+            atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_lora(unet, out)
+            state = {"lora": lora_state(unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+                     "step": step, "order": order}
+            atomic_write(ckpt_path, lambda p: torch.save(state, p))
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Command line. Defaults are the published SD-Turbo setting (DESIGN.md section 3).
+# ----------------------------------------------------------------------------------------
+
+def floats(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="DrPO: finetune a one-step text-to-image generator toward a reward "
+                                "that is only used to rank samples.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, or a local diffusers pipeline folder")
+    g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random SD-architecture pipeline to DIR and exit "
+                   "(offline demo and tests)")
+    g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size, 512 for "
+                   "sd-turbo)")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet activation memory")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of UNet module names")
+    g = p.add_argument_group("DrPO field")
+    g.add_argument("--candidates", type=int, default=24, help="K: samples per prompt per step")
+    g.add_argument("--n-pos", type=int, default=8, help="top-ranked candidates used as positives")
+    g.add_argument("--n-neg", type=int, default=8, help="bottom-ranked candidates used as negatives")
+    g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of positives (velocity scale eta)")
+    g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
+    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of base-model samples in the reference drift")
+    g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the current samples as repellers "
+                   "in the reference drift")
+    g.add_argument("--lambda-ref", type=float, default=0.2, help="weight of the reference drift term")
+    g.add_argument("--radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the preference field")
+    g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
+    g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
+    g = p.add_argument_group("reward")
+    g.add_argument("--reward", default="hpsv3", help="reward name, `module:function`, or a weighted comma list "
+                   "like `hpsv3:1,pickscore:0.5` (see README)")
+    g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
+    g.add_argument("--reward-device", help="device of the reward model (default: the training device)")
+    g = p.add_argument_group("features")
+    g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi; `mae` reproduces the paper "
+                   "(needs --mae-ckpt), `unet` needs no extra weights")
+    g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
+    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0",
+                   help="UNet blocks hooked by --features unet (negative indices count from the end)")
+    g.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 hub id or folder for --features dinov2")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
+    g.add_argument("--grad-accum", type=int, default=8, help="micro-steps per update (the paper: 8 on each of 4 GPUs)")
+    g.add_argument("--prompts-per-step", type=int, default=1, help="B: prompts per micro-step")
+    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time so memory stays flat "
+                   "in K; 0 = all K at once")
+    g.add_argument("--prompts", help="text file with one training prompt per line (default: a small built-in list)")
+    g.add_argument("--seed", type=int, default=42, help="seed of prompt order and noises")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, sample grids, checkpoint")
+    g.add_argument("--sample-every", type=int, default=50, help="save a grid of fixed-noise samples every N steps; 0 = never")
+    g.add_argument("--grid-prompts", type=int, default=4, help="rows of the sample grid (the first prompts)")
+    g.add_argument("--grid-noises", type=int, default=2, help="columns of the sample grid (fixed noises)")
+    g.add_argument("--save-every", type=int, default=100, help="write the LoRA and a resumable checkpoint every N steps")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
+    return p
+
+
+def check_args(args):
+    for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
+                 "lora_rank", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.grad_chunk < 0:
+        raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.make_tiny:
+            make_tiny(args.make_tiny)
+            print(f"wrote a tiny SD pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
+            return 0
+        check_args(args)
+        out = train(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last checkpoint in {args.output_dir} is intact: continue with --resume",
+              file=sys.stderr)
+        return 130
+    print(f"done: LoRA in {out / 'pytorch_lora_weights.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

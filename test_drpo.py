@@ -1,11 +1,20 @@
 """Checks of DrPO: the drift field on toy tensors, then the models, rewards and loop on tiny models."""
 
+import json
 import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import drpo
+
+FIXTURES = Path(__file__).resolve().parent.parent / "shared" / "fixtures"
 
 RADII = (0.02, 0.05, 0.2)
 
@@ -252,3 +261,197 @@ def test_drift_loss_rejects_bad_input(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         drpo.drift_loss(**args)
+
+
+# ---------------------------------------------------------------- feature maps ------------
+
+def test_mae_features_match_the_published_extractor():
+    phi = drpo.load_features("mae", mae_ckpt=FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")
+    latents = load_file(FIXTURES / "mae_tiny" / "latents.safetensors")["latents"]
+    expected = load_file(FIXTURES / "mae_tiny" / "expected.safetensors")
+    out = phi(latents)
+    assert out.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-5)
+
+
+def test_mae_reads_torch_layout_and_prefixed_keys(tmp_path):
+    raw = torch.load(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth", weights_only=True)
+    sd = {}
+    for k, v in raw["state_dict"].items():  # torch layout (out, in, H, W), `.weight`, DDP prefix
+        if k.endswith(".kernel"):
+            k, v = k[:-len("kernel")] + "weight", v.permute(3, 2, 0, 1)
+        elif k.endswith(".scale"):
+            k = k[:-len("scale")] + "weight"
+        sd["module." + k] = v
+    torch.save({"model_state_dict": sd, "metadata": raw["metadata"]}, tmp_path / "m.pth")
+    latents = load_file(FIXTURES / "mae_tiny" / "latents.safetensors")["latents"]
+    out = drpo.load_features("mae", mae_ckpt=tmp_path / "m.pth")(latents)
+    for k, v in load_file(FIXTURES / "mae_tiny" / "expected.safetensors").items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_mae_checkpoint_says_how_to_get_it():
+    with pytest.raises(FileNotFoundError, match="modelscope download"):
+        drpo.load_features("mae", mae_ckpt="/nonexistent/mae.pth")
+
+
+# ---------------------------------------------------------------- tiny model --------------
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return str(drpo.make_tiny(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def run(tiny, out, *extra, reward="brightness"):
+    return drpo.main(["--model", tiny, "--reward", reward, "--output-dir", str(out), "--candidates", "8",
+                      "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0", *extra])
+
+
+def pipeline(tiny, lora=None):
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(lora)
+    return pipe
+
+
+def test_one_step_sampler_matches_the_diffusers_pipeline(tiny):
+    pipe = pipeline(tiny)
+    z = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
+    prompts = ["a red fox", "a blue boat on a lake"]
+    ref = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    mine = drpo.load_pipeline(tiny)
+    with torch.no_grad():
+        x = drpo.one_step(mine.unet, z, drpo.encode_prompts(mine, prompts), mine.scheduler.alphas_cumprod[999])
+        img = drpo.decode(mine.vae, x)
+    torch.testing.assert_close(img, ref, rtol=0, atol=1e-5)
+
+
+def test_unet_features_reuse_noise_and_pass_gradient_to_the_latent_only(tiny):
+    pipe = drpo.load_pipeline(tiny)
+    params = drpo.add_lora(pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    for p in params:  # a non-zero LoRA, so "LoRA off" is observable
+        torch.nn.init.normal_(p, std=0.5)
+    phi = drpo.load_features("unet", pipe=pipe)
+    x = torch.randn(3, 4, 16, 16, requires_grad=True)
+    noise = torch.randn_like(x)
+    a, b = phi(x, noise), phi(x, noise)
+    assert set(a) == {"unet.down_blocks.-1", "unet.mid_block", "unet.up_blocks.0"}
+    assert all(v.shape == (3, 1, 64 * 16) for v in a.values())
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert (phi(x, torch.randn_like(x))["unet.mid_block"] - a["unet.mid_block"]).abs().max() > 0
+    with drpo.lora_off(pipe.unet):  # the base UNet: features must not see the LoRA
+        pipe.unet.disable_adapters()
+        base = phi(x, noise)
+    for k in a:
+        torch.testing.assert_close(a[k], base[k])
+    sum(v.sum() for v in a.values()).backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in params)
+
+
+def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny, out, "--max-steps", "3", "--sample-every", "2", "--save-every", "2") == 0
+    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "checkpoint.pt",
+                 "samples/step_000002.png", "samples/step_000003.png"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["candidates"] == 8 and cfg["lambda_ref"] == 0.2 and cfg["reward"] == "brightness"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward_mean", "reward_std", "pos_mean", "neg_mean", "loss_pref", "loss_ref", "field_rms",
+                "lr", "seconds"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert all(r["pos_mean"] > r["neg_mean"] for r in rows)
+    # the LoRA loads with the stock diffusers call, changes the output, and reproduces our sampler
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
+    kw = dict(latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt")
+    base = pipeline(tiny)("a snowy owl", **kw).images
+    tuned_pipe = pipeline(tiny, str(out))
+    tuned = tuned_pipe("a snowy owl", **kw).images
+    assert (tuned - base).abs().max() > 1e-3
+    mine = drpo.load_pipeline(tiny)
+    drpo.add_lora(mine.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    from peft.utils import set_peft_model_state_dict
+    set_peft_model_state_dict(mine.unet, torch.load(out / "checkpoint.pt", weights_only=False)["lora"])
+    with torch.no_grad():
+        img = drpo.decode(mine.vae, drpo.one_step(mine.unet, z, drpo.encode_prompts(mine, ["a snowy owl"]),
+                                                  mine.scheduler.alphas_cumprod[999]))
+    torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
+
+
+STOP_AT = {"calls": 0, "limit": None}
+
+
+def interrupting_reward(images, prompts):
+    """Brightness, but raises KeyboardInterrupt on a given call: a run killed mid-training."""
+    STOP_AT["calls"] += 1
+    if STOP_AT["limit"] is not None and STOP_AT["calls"] > STOP_AT["limit"]:
+        raise KeyboardInterrupt
+    return drpo.brightness_reward(images, prompts)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    common = ("--max-steps", "5", "--save-every", "2", "--sample-every", "0")
+    assert run(tiny, tmp_path / "full", *common) == 0
+    # killed during step 4 (2 reward calls per step): checkpoint at step 2, metrics up to step 3
+    STOP_AT.update(calls=0, limit=7)
+    assert run(tiny, tmp_path / "cut", *common, reward="test_drpo:interrupting_reward") == 130
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert run(tiny, tmp_path / "cut", *common, "--resume") == 0
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    drop = ("seconds",)
+    assert [{k: v for k, v in json.loads(a).items() if k not in drop} for a in cut] == \
+           [{k: v for k, v in json.loads(a).items() if k not in drop} for a in full]
+    a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "cut" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
+    for name, chunk in (("whole", "0"), ("chunks", "3")):
+        assert run(tiny, tmp_path / name, "--max-steps", "2", "--grad-chunk", chunk, "--sample-every", "0") == 0
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("whole", "chunks")}
+    for r1, r2 in zip(rows["whole"], rows["chunks"]):
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+        assert r1["loss_pref"] == pytest.approx(r2["loss_pref"], rel=1e-5)
+    a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "chunks" / "pytorch_lora_weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)  # Adam: lr 1e-3 per step
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "no such folder"),
+    (["--model", "no-such-org/no-such-model"], "could not load --model"),
+    (["--reward", "nosuchreward"], "unknown reward"),
+    (["--reward", "nosuchmodule_xyz:score"], "cannot import"),
+    (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
+    (["--features", "mae"], "modelscope download"),
+    (["--candidates", "0"], "at least 1"),
+])
+def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, message):
+    argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
+            "--max-steps", "1"]
+    assert drpo.main(argv + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_prompts_file_and_occupied_output_dir_are_refused(tiny, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    argv = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--max-steps", "1"]
+    assert drpo.main(argv + ["--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "a")]) == 2
+    assert "has no prompts" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert drpo.main(argv + ["--output-dir", str(tmp_path / "b")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing lost
