@@ -413,14 +413,103 @@ def random_reward(images, prompts):
                          for im in images])
 
 
+# HPSv3 (DESIGN.md 6): Qwen2-VL-7B with a reward head, ported to current transformers classes.
+# The message text is byte-identical to INSTRUCTION and prompt_with_special_token of hpsv3==1.0.0.
+HPSV3_INSTRUCTION = "\nYou are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. \n\n**Visual Quality:**  \nEvaluate the overall visual quality of the image. The following sub-dimensions should be considered:\n- **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.\n- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.\n- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).\n- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.\n- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. \n\n**Text Alignment:**  \nAssess how well the image matches the textual prompt across the following sub-dimensions:\n- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.\n- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the image adheres to this style.\n- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image logically fit the scenario described in the prompt. The environment should support and enhance the subject without contradictions.\n- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be acceptable, but critical attributes should be preserved.\n- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the image. The generated content should not introduce elements that conflict with or distort the original description.\nTextual prompt - {text_prompt}\n\n\n"
+HPSV3_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
+HPSV3_PIXELS = 256 * 28 * 28  # min = max pixels: 448 x 448 for a square image
+
+
+def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
+    """HPSv3 score (output 0 of the head at the <|Reward|> token). ckpt: HPSv3.safetensors (hub
+    MizzenAI/HPSv3 when None); base: the Qwen2-VL-7B-Instruct folder or hub id (its config,
+    tokenizer, image processor and chat template; the weights all come from ckpt)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+
+    base = base or "Qwen/Qwen2-VL-7B-Instruct"
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    try:
+        if ckpt is None:
+            from huggingface_hub import hf_hub_download
+
+            ckpt = hf_hub_download("MizzenAI/HPSv3", "HPSv3.safetensors")
+        tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
+        config = Qwen2VLConfig.from_pretrained(base)
+        processor = Qwen2VLImageProcessorPil.from_pretrained(base)
+        template_file = Path(base) / "chat_template.json"
+        template = json.loads(template_file.read_text())["chat_template"] if template_file.is_file() else None
+    except OSError as e:
+        raise OSError(f"HPSv3 needs HPSv3.safetensors and the Qwen2-VL-7B-Instruct config/tokenizer ({str(e).splitlines()[0]}). "
+                      f"Download them with `huggingface-cli download MizzenAI/HPSv3 HPSv3.safetensors --local-dir DIR` and "
+                      f"`huggingface-cli download Qwen/Qwen2-VL-7B-Instruct --exclude '*.safetensors' --local-dir BASE`, "
+                      f"then pass --hpsv3-ckpt DIR/HPSv3.safetensors --hpsv3-base BASE") from e
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
+    with torch.device(device), no_init_weights():  # every weight comes from the checkpoint
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    H = config.text_config.hidden_size if hasattr(config, "text_config") else config.hidden_size
+    head = torch.nn.Sequential(torch.nn.Linear(H, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.0),
+                               torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    # The checkpoint uses the transformers 4.45 layout: visual.*, model.*, lm_head.*, rm_head.*.
+    state, head_state = {}, {}
+    for k, v in load_file(str(ckpt)).items():
+        if k.startswith("rm_head."):
+            head_state[k[len("rm_head."):]] = v.float()
+        elif k.startswith("visual."):
+            state["model." + k] = v
+        elif k.startswith("model."):
+            state["model.language_model." + k[len("model."):]] = v
+        else:
+            state[k] = v
+    model.load_state_dict(state, strict=True)
+    head.load_state_dict(head_state, strict=True)
+    model.eval()
+    head = head.to(device).eval()  # the head stays float32
+    merge = processor.merge_size ** 2
+
+    def score(images, prompts):
+        # One bicubic resize to the "smart" size (sides multiples of 28, about HPSV3_PIXELS pixels);
+        # the published code resizes once, so the processor must not resize again.
+        sizes = [smart_resize(im.height, im.width, 28, HPSV3_PIXELS, HPSV3_PIXELS) for im in images]
+        images = [im.convert("RGB").resize((w, h), resample=3) for im, (h, w) in zip(images, sizes)]
+        vis = processor(images=images, do_resize=False, return_tensors="pt")
+        texts = []
+        for prompt, grid in zip(prompts, vis["image_grid_thw"]):
+            message = [{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": HPSV3_INSTRUCTION.format(text_prompt=prompt) + HPSV3_SUFFIX}]}]
+            text = tokenizer.apply_chat_template(message, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+            texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // merge)))
+        tok = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        embeds = model.get_input_embeddings()(tok.input_ids)
+        image_embeds = model.model.visual(vis["pixel_values"].to(device, dtype),
+                                          grid_thw=vis["image_grid_thw"].to(device)).pooler_output
+        embeds = embeds.masked_scatter((tok.input_ids == config.image_token_id)[..., None], image_embeds.to(embeds.dtype))
+        # As the published model does: plain sequential positions for every token, image tokens
+        # included, on all three rotary sections (not Qwen2-VL's multimodal rotary index).
+        B, L = tok.input_ids.shape
+        positions = torch.arange(L, device=device).expand(3, B, L)
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=tok.attention_mask,
+                                            position_ids=positions).last_hidden_state
+        at = (tok.input_ids == reward_id).int().argmax(1)  # the <|Reward|> token of each row
+        return head(hidden[torch.arange(B, device=device), at].float())[:, 0]
+
+    return score
+
+
 WEIGHT_FREE_REWARDS = {"brightness": brightness_reward, "jpeg": jpeg_reward, "random": random_reward}
 
 
-def load_reward(spec, device="cpu", batch_size=8):
+def load_reward(spec, device="cpu", batch_size=8, hpsv3_ckpt=None, hpsv3_base=None):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
 
     spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
-    (each member z-scored over the call's images, then weighted and summed).
+    (each member z-scored over the call's images, then weighted and summed). Scores are
+    computed under no_grad in batches of batch_size images.
     """
     members = [m.strip() for m in spec.split(",") if m.strip()]
     if not members:
@@ -436,7 +525,8 @@ def load_reward(spec, device="cpu", batch_size=8):
             except ValueError:
                 pass
         parsed.append((":".join(parts), weight))
-    fns = [(name, _load_one_reward(name, device), w) for name, w in parsed]
+    fns = [(name, _load_one_reward(name, device, hpsv3_ckpt=hpsv3_ckpt, hpsv3_base=hpsv3_base), w)
+           for name, w in parsed]
 
     @torch.no_grad()
     def reward(images, prompts):
@@ -465,9 +555,11 @@ def _as_scores(out, n, name):
     return s
 
 
-def _load_one_reward(name, device):
+def _load_one_reward(name, device, hpsv3_ckpt=None, hpsv3_base=None):
     if name in WEIGHT_FREE_REWARDS:
         return WEIGHT_FREE_REWARDS[name]
+    if name == "hpsv3":
+        return hpsv3_reward(device, hpsv3_ckpt, hpsv3_base)
     if ":" in name:
         module, _, fn = name.partition(":")
         try:
@@ -475,7 +567,7 @@ def _load_one_reward(name, device):
         except (ImportError, AttributeError) as e:
             raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} ({e}); "
                              f"make sure the module is on PYTHONPATH") from e
-    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(WEIGHT_FREE_REWARDS)}, "
+    raise ValueError(f"unknown reward {name!r}; choose one of hpsv3, {', '.join(WEIGHT_FREE_REWARDS)}, "
                      f"or `module.path:function` for your own, or a comma list of these")
 
 
@@ -700,7 +792,8 @@ def train(args):
     params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reward_fn = load_reward(args.reward, args.reward_device or device, args.reward_batch)
+    reward_fn = load_reward(args.reward, args.reward_device or device, args.reward_batch,
+                            hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
     phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
                         dinov2=args.dinov2, device=device)
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
@@ -863,6 +956,9 @@ def build_parser():
                    "like `hpsv3:1,pickscore:0.5` (see README)")
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
     g.add_argument("--reward-device", help="device of the reward model (default: the training device)")
+    g.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (default: download MizzenAI/HPSv3)")
+    g.add_argument("--hpsv3-base", help="local Qwen2-VL-7B-Instruct folder for its config, tokenizer and image "
+                   "processor (default: download Qwen/Qwen2-VL-7B-Instruct)")
     g = p.add_argument_group("features")
     g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi; `mae` reproduces the paper "
                    "(needs --mae-ckpt), `unet` needs no extra weights")

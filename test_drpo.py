@@ -455,3 +455,67 @@ def test_empty_prompts_file_and_occupied_output_dir_are_refused(tiny, tmp_path, 
     assert drpo.main(argv + ["--output-dir", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "b" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing lost
+
+
+# ---------------------------------------------------------------- rewards -----------------
+
+HPS = FIXTURES / "hpsv3_tiny"
+
+
+def test_hpsv3_port_reproduces_the_published_scores():
+    from PIL import Image
+
+    exp = json.loads((HPS / "expected.json").read_text())
+    assert drpo.HPSV3_INSTRUCTION == exp["instruction"]
+    assert drpo.HPSV3_SUFFIX == exp["prompt_with_special_token"]
+    reward = drpo.load_reward("hpsv3", "cpu", batch_size=4, hpsv3_ckpt=HPS / "HPSv3.safetensors",
+                              hpsv3_base=HPS / "base")
+    images = [Image.open(HPS / p) for p in exp["images"]]
+    batch = reward(images, exp["prompts"])  # right-padded batch of prompts of different lengths
+    single = torch.cat([reward([im], [p]) for im, p in zip(images, exp["prompts"])])
+    torch.testing.assert_close(batch, torch.tensor([s[0] for s in exp["scores_batch"]]), rtol=0, atol=2e-5)
+    torch.testing.assert_close(single, torch.tensor([s[0] for s in exp["scores_single"]]), rtol=0, atol=2e-5)
+    # the fixture can tell a port with Qwen2-VL's multimodal rotary positions apart
+    wrong = torch.tensor([s[0] for s in exp["scores_if_multimodal_rope"]])
+    assert (batch - wrong).abs().max() > 1e-2
+
+
+def test_hpsv3_without_weights_says_what_to_download(tiny, tmp_path, capsys):
+    argv = ["--model", tiny, "--reward", "hpsv3", "--output-dir", str(tmp_path / "o"), "--max-steps", "1"]
+    assert drpo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "huggingface-cli download MizzenAI/HPSv3" in err and "--hpsv3-ckpt" in err
+
+
+def scores_of_length_two(images, prompts):
+    return [1.0, 2.0]
+
+
+def scores_with_nan(images, prompts):
+    return [float("nan")] * len(images)
+
+
+def test_reward_specs_custom_functions_and_ensembles(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    images = [Image.new("RGB", (16, 16), (v, v, v)) for v in (0, 64, 128, 255)]
+    prompts = ["p"] * 4
+    bright = drpo.load_reward("brightness")(images, prompts)
+    torch.testing.assert_close(bright, torch.tensor([0, 64, 128, 255]) / 255)
+    custom = drpo.load_reward("drpo:brightness_reward")(images, prompts)
+    torch.testing.assert_close(custom, bright)
+    jpeg = drpo.load_reward("jpeg")(images, prompts)
+    assert (jpeg < 0).all()
+    # ensemble: members z-scored over the call, then weighted
+    mix = drpo.load_reward("brightness:2,drpo:jpeg_reward", batch_size=3)(images, prompts)
+    z = lambda s: (s - s.mean()) / s.std(unbiased=False)
+    torch.testing.assert_close(mix, 2 * z(bright) + z(jpeg))
+    r1, r2 = drpo.load_reward("random")(images, prompts), drpo.load_reward("random")(images, prompts)
+    assert torch.equal(r1, r2) and len(set(r1.tolist())) == 4 and ((r1 >= 0) & (r1 < 1)).all()
+    with pytest.raises(ValueError, match="returned 2 scores for 4 images"):
+        drpo.load_reward("test_drpo:scores_of_length_two", batch_size=8)(images, prompts)
+    with pytest.raises(ValueError, match="NaN"):
+        drpo.load_reward("test_drpo:scores_with_nan")(images, prompts)
+    with pytest.raises(ValueError, match="unknown reward"):
+        drpo.load_reward("brightness,nosuch")
