@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import drpo
 
-FIXTURES = Path(__file__).resolve().parent.parent / "shared" / "fixtures"
+# the fixtures made with the published HPSv3 and latent-MAE code, in ../shared beside the checkout
+FIXTURES = Path(os.environ.get("DRPO_FIXTURES", Path(__file__).resolve().parent.parent / "shared" / "fixtures"))
 
 RADII = (0.02, 0.05, 0.2)
 
@@ -440,14 +441,15 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
 ])
 def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, message):
     argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
-            "--max-steps", "1"]
+            "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
     assert drpo.main(argv + args) == 2
     assert message in capsys.readouterr().err
 
 
 def test_empty_prompts_file_and_occupied_output_dir_are_refused(tiny, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("\n  \n")
-    argv = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--max-steps", "1"]
+    argv = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--n-pos", "3", "--n-neg", "3",
+            "--max-steps", "1"]
     assert drpo.main(argv + ["--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path / "a")]) == 2
     assert "has no prompts" in capsys.readouterr().err
     (tmp_path / "b").mkdir()
@@ -481,7 +483,8 @@ def test_hpsv3_port_reproduces_the_published_scores():
 
 
 def test_hpsv3_without_weights_says_what_to_download(tiny, tmp_path, capsys):
-    argv = ["--model", tiny, "--reward", "hpsv3", "--output-dir", str(tmp_path / "o"), "--max-steps", "1"]
+    argv = ["--model", tiny, "--reward", "hpsv3", "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
+            "--candidates", "8", "--n-pos", "3", "--n-neg", "3"]
     assert drpo.main(argv) == 2
     err = capsys.readouterr().err
     assert "huggingface-cli download MizzenAI/HPSv3" in err and "--hpsv3-ckpt" in err
