@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import drpo  # noqa: E402
 
 PRESETS = {  # (candidates, grad_chunk) pairs, steps per configuration
-    "tiny-cpu": dict(configs=[(8, 0), (24, 0), (64, 0), (8, 8), (24, 8), (64, 8)], steps=4, extra=["--resolution", "512"]),
+    "tiny-cpu": dict(configs=[(8, 0), (24, 0), (64, 0), (24, 8), (64, 8)], steps=3, extra=["--resolution", "256"]),
     "sd-turbo": dict(configs=[(8, 0), (16, 0), (24, 0), (24, 8), (32, 8)], steps=4, extra=[]),
 }
 
@@ -53,8 +53,10 @@ def make_sd_turbo_architecture(out_dir):
 
 
 def worker(model, K, chunk, steps, extra):
+    n = str(min(8, K // 3))  # the published 8 / 8 where K allows
     with tempfile.TemporaryDirectory() as out:
         rc = drpo.main(["--model", model, "--reward", "brightness", "--candidates", str(K), "--grad-chunk", str(chunk),
+                        "--n-pos", n, "--n-neg", n,
                         "--grad-accum", "1", "--max-steps", str(steps), "--sample-every", "0", "--save-every", "1000000",
                         "--output-dir", out, "--overwrite", *extra])
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
