@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -824,8 +823,11 @@ def train(args):
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text(
             "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    else:  # a fresh run: nothing of an earlier one may be resumed or appended to
+        if args.resume:
+            print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
+        for stale in (ckpt_path, out / "metrics.jsonl"):
+            stale.unlink(missing_ok=True)
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True)
