@@ -248,12 +248,14 @@ def load_pipeline(model, dtype=torch.float32):
     from diffusers import StableDiffusionPipeline
 
     path = MODEL_ALIASES.get(model, model)
-    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+    local = Path(path).expanduser()
+    if local.is_dir():
+        path = str(local)
+    elif path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--model {model}: no such folder. Pass a diffusers pipeline folder, a hub id, "
                                 f"or make an offline demo model with `python drpo.py --make-tiny {model}`")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().is_dir()
-                                                       else path, dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise OSError(
