@@ -502,16 +502,114 @@ def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
     return score
 
 
+# CLIP-family rewards (DESIGN.md 6). Hub ids: (model, tokenizer + image processor).
+PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+CLIP_L = "openai/clip-vit-large-patch14"
+AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
+
+
+def _hub_error(what, downloads, e):
+    cmds = " and ".join(f"`huggingface-cli download {d}`" for d in downloads)
+    return OSError(f"{what} could not be loaded ({str(e).splitlines()[0]}). Download it on a machine with "
+                   f"internet with {cmds} (into the Hugging Face cache, then copy the cache over), or check the path")
+
+
+def _load_clip(model_id, processor_id, device, dtype):
+    """A CLIPModel with its tokenizer and the PIL image processor (the torchvision-free one)."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(model_id, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(processor_id)
+        processor = CLIPImageProcessorPil.from_pretrained(processor_id)
+    except OSError as e:
+        raise _hub_error(f"CLIP model {model_id} (processor {processor_id})", sorted({model_id, processor_id}), e) from e
+
+    def embed(images, prompts=None):
+        """Unit-norm image embeddings, and text embeddings when prompts are given."""
+        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+        img = model.visual_projection(model.vision_model(pixel_values=pixels.to(device, dtype)).pooler_output)
+        img = torch.nn.functional.normalize(img.float(), dim=-1)
+        if prompts is None:
+            return img
+        tok = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt",
+                        max_length=model.config.text_config.max_position_embeddings).to(device)
+        txt = model.text_projection(model.text_model(input_ids=tok.input_ids,
+                                                     attention_mask=tok.attention_mask).pooler_output)
+        return img, torch.nn.functional.normalize(txt.float(), dim=-1)
+
+    return model, embed
+
+
+def clip_reward(model_id=CLIP_L, processor_id=None, scale=100.0, device="cpu", dtype=torch.float32):
+    """scale * cos(image, prompt). scale=None uses the model's learned logit scale: PickScore is
+    clip_reward(*PICKSCORE, scale=None); the CLIP score is the default 100 * cos with ViT-L/14."""
+    model, embed = _load_clip(model_id, processor_id or model_id, device, dtype)
+    s = model.logit_scale.exp().item() if scale is None else scale
+
+    def score(images, prompts):
+        img, txt = embed(images, prompts)
+        return s * (img * txt).sum(-1)
+
+    return score
+
+
+def aesthetic_reward(clip_id=CLIP_L, head=None, device="cpu", dtype=torch.float32):
+    """LAION improved aesthetic predictor: a linear MLP (no activations) on the unit-norm CLIP
+    ViT-L/14 image embedding. head: aesthetic-model.pth (hub trl-lib/ddpo-aesthetic-predictor when None)."""
+    _, embed = _load_clip(clip_id, clip_id, device, dtype)
+    try:
+        if head is None:
+            from huggingface_hub import hf_hub_download
+
+            head = hf_hub_download(*AESTHETIC_HEAD)
+        state = torch.load(head, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise _hub_error("the aesthetic head", [" ".join(AESTHETIC_HEAD)], e) from e
+    state = {k.removeprefix("layers."): v.float() for k, v in state.items()}
+    dims = [state[f"{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
+    mlp = torch.nn.Sequential(torch.nn.Linear(dims[0][1], dims[0][0]), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(*dims[1][::-1]), torch.nn.Dropout(0.2),
+                              torch.nn.Linear(*dims[2][::-1]), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(*dims[3][::-1]), torch.nn.Linear(*dims[4][::-1]))
+    mlp.load_state_dict(state, strict=True)
+    mlp = mlp.to(device).eval()
+
+    def score(images, prompts):
+        return mlp(embed(images))[:, 0]
+
+    return score
+
+
+def package_reward(name, device="cpu"):
+    """ImageReward and HPSv2 through their own packages (evaluation metrics in the paper)."""
+    package, pip = {"imagereward": ("ImageReward", "image-reward"), "hpsv2": ("hpsv2", "hpsv2")}[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"reward {name!r} needs the `{pip}` package ({e}); `pip install {pip}` "
+                          f"(it downloads its own weights on first use)") from e
+    if name == "imagereward":
+        model = module.load("ImageReward-v1.0", device=device)
+        return lambda images, prompts: [float(model.score(p, im)) for im, p in zip(images, prompts)]
+    return lambda images, prompts: [float(module.score(im, p, hps_version="v2.1")[0])
+                                    for im, p in zip(images, prompts)]
+
+
 WEIGHT_FREE_REWARDS = {"brightness": brightness_reward, "jpeg": jpeg_reward, "random": random_reward}
+REWARDS = ("hpsv3", "pickscore", "clip", "aesthetic", "imagereward", "hpsv2", *WEIGHT_FREE_REWARDS)
 
 
-def load_reward(spec, device="cpu", batch_size=8, hpsv3_ckpt=None, hpsv3_base=None):
+def load_reward(spec, device="cpu", batch_size=8, dtype=None, hpsv3_ckpt=None, hpsv3_base=None):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
 
     spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
     (each member z-scored over the call's images, then weighted and summed). Scores are
-    computed under no_grad in batches of batch_size images.
+    computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
+    bf16 on CUDA, fp32 otherwise (heads stay fp32).
     """
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     members = [m.strip() for m in spec.split(",") if m.strip()]
     if not members:
         raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
@@ -526,7 +624,7 @@ def load_reward(spec, device="cpu", batch_size=8, hpsv3_ckpt=None, hpsv3_base=No
             except ValueError:
                 pass
         parsed.append((":".join(parts), weight))
-    fns = [(name, _load_one_reward(name, device, hpsv3_ckpt=hpsv3_ckpt, hpsv3_base=hpsv3_base), w)
+    fns = [(name, _load_one_reward(name, device, dtype, hpsv3_ckpt=hpsv3_ckpt, hpsv3_base=hpsv3_base), w)
            for name, w in parsed]
 
     @torch.no_grad()
@@ -556,11 +654,19 @@ def _as_scores(out, n, name):
     return s
 
 
-def _load_one_reward(name, device, hpsv3_ckpt=None, hpsv3_base=None):
+def _load_one_reward(name, device, dtype, hpsv3_ckpt=None, hpsv3_base=None):
     if name in WEIGHT_FREE_REWARDS:
         return WEIGHT_FREE_REWARDS[name]
     if name == "hpsv3":
-        return hpsv3_reward(device, hpsv3_ckpt, hpsv3_base)
+        return hpsv3_reward(device, hpsv3_ckpt, hpsv3_base, dtype)
+    if name == "pickscore":
+        return clip_reward(*PICKSCORE, scale=None, device=device, dtype=dtype)
+    if name == "clip":
+        return clip_reward(CLIP_L, device=device, dtype=dtype)
+    if name == "aesthetic":
+        return aesthetic_reward(CLIP_L, device=device, dtype=dtype)
+    if name in ("imagereward", "hpsv2"):
+        return package_reward(name, device)
     if ":" in name:
         module, _, fn = name.partition(":")
         try:
@@ -568,7 +674,7 @@ def _load_one_reward(name, device, hpsv3_ckpt=None, hpsv3_base=None):
         except (ImportError, AttributeError) as e:
             raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} ({e}); "
                              f"make sure the module is on PYTHONPATH") from e
-    raise ValueError(f"unknown reward {name!r}; choose one of hpsv3, {', '.join(WEIGHT_FREE_REWARDS)}, "
+    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
                      f"or `module.path:function` for your own, or a comma list of these")
 
 
@@ -794,6 +900,7 @@ def train(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     reward_fn = load_reward(args.reward, args.reward_device or device, args.reward_batch,
+                            {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.reward_precision],
                             hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
     phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
                         dinov2=args.dinov2, device=device)
@@ -956,10 +1063,13 @@ def build_parser():
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
     g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", default="hpsv3", help="reward name, `module:function`, or a weighted comma list "
-                   "like `hpsv3:1,pickscore:0.5` (see README)")
+    g.add_argument("--reward", default="hpsv3", help="reward name (hpsv3, pickscore, clip, aesthetic, imagereward, "
+                   "hpsv2, brightness, jpeg, random), `module:function`, or a weighted comma list like "
+                   "`hpsv3:1,pickscore:0.5` (see README)")
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
     g.add_argument("--reward-device", help="device of the reward model (default: the training device)")
+    g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (default: download MizzenAI/HPSv3)")
     g.add_argument("--hpsv3-base", help="local Qwen2-VL-7B-Instruct folder for its config, tokenizer and image "
                    "processor (default: download Qwen/Qwen2-VL-7B-Instruct)")
@@ -1014,7 +1124,7 @@ def main(argv=None):
             return 0
         check_args(args)
         out = train(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
@@ -520,3 +521,102 @@ def test_reward_specs_custom_functions_and_ensembles(monkeypatch):
         drpo.load_reward("test_drpo:scores_with_nan")(images, prompts)
     with pytest.raises(ValueError, match="unknown reward"):
         drpo.load_reward("brightness,nosuch")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny, tmp_path_factory):
+    """A random CLIP model in a folder laid out like a hub CLIP repo (model, tokenizer, processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("clip")
+    tok = CLIPTokenizer.from_pretrained(Path(tiny) / "tokenizer")
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16,
+                         logit_scale_init_value=math.log(50))).save_pretrained(d)
+    tok.save_pretrained(d)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return d
+
+
+def clip_inputs():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              ((40, 40), (64, 48), (32, 80), (50, 50))]
+    prompts = ["a cat", "a red house on a hill at dawn, oil painting", "", "two dogs"]
+    return images, prompts
+
+
+def test_pickscore_and_clip_score_equal_clip_logits_and_do_not_depend_on_batching(tiny_clip):
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    images, prompts = clip_inputs()
+    # independent: CLIPModel's own forward, one image-prompt pair at a time (no padding at all)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    tok, proc = CLIPTokenizer.from_pretrained(tiny_clip), CLIPImageProcessorPil.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        logits = torch.stack([model(**tok([p], return_tensors="pt"), **proc(images=[im], return_tensors="pt"))
+                              .logits_per_image[0, 0] for im, p in zip(images, prompts)])
+    pick = drpo.clip_reward(tiny_clip, scale=None)  # PickScore: the model's own logit scale (50 here)
+    clip = drpo.clip_reward(tiny_clip)  # CLIP score: 100 * cos
+    with torch.no_grad():
+        torch.testing.assert_close(pick(images, prompts), logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(clip(images, prompts), logits * 2, rtol=0, atol=2e-4)
+        one_by_one = torch.cat([pick([im], [p]) for im, p in zip(images, prompts)])
+        torch.testing.assert_close(pick(images, prompts), one_by_one, rtol=0, atol=1e-5)
+    assert logits.std() > 0.1  # the images and prompts are told apart
+
+
+def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_path):
+    from transformers import CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(1)
+    sizes = [16, 1024, 128, 64, 16, 1]  # the predictor's layer widths, on a 16-d embedding
+    head = {f"layers.{i}.{p}": torch.randn(o, n) / n ** 0.5 if p == "weight" else torch.randn(o) * 0.1
+            for i, n, o in zip((0, 2, 4, 6, 7), sizes, sizes[1:]) for p in ("weight", "bias")}
+    torch.save(head, tmp_path / "aesthetic-model.pth")
+    images, prompts = clip_inputs()
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    pixels = CLIPImageProcessorPil.from_pretrained(tiny_clip)(images=images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        e = model.get_image_features(pixel_values=pixels).pooler_output
+        x = e / e.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):  # linear layers only, no activations
+            x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
+        reward = drpo.aesthetic_reward(tiny_clip, tmp_path / "aesthetic-model.pth")
+        torch.testing.assert_close(reward(images, prompts), x[:, 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(reward(images, ["x"] * 4), x[:, 0], rtol=0, atol=1e-5)  # ignores the prompt
+        torch.testing.assert_close(torch.cat([reward([im], [p]) for im, p in zip(images, prompts)]), x[:, 0],
+                                   rtol=0, atol=1e-5)
+        # an embedding 3x longer scores the same: the head sees the direction only
+        model.visual_projection.weight.mul_(3)
+        shutil.copytree(tiny_clip, tmp_path / "clip3")
+        model.save_pretrained(tmp_path / "clip3")
+        scaled = drpo.aesthetic_reward(tmp_path / "clip3", tmp_path / "aesthetic-model.pth")(images, prompts)
+        torch.testing.assert_close(scaled, x[:, 0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,repo", [("pickscore", "yuvalkirstain/PickScore_v1"),
+                                       ("clip", "openai/clip-vit-large-patch14"),
+                                       ("aesthetic", "openai/clip-vit-large-patch14")])
+def test_clip_rewards_without_weights_say_what_to_download(name, repo):
+    with pytest.raises(OSError, match=f"huggingface-cli download {repo}"):
+        drpo.load_reward(name)
+
+
+def test_optional_package_rewards_say_what_to_install():
+    for name, pip in (("imagereward", "image-reward"), ("hpsv2", "hpsv2")):
+        try:
+            __import__({"imagereward": "ImageReward", "hpsv2": "hpsv2"}[name])
+            continue
+        except ImportError:
+            pass
+        with pytest.raises(ImportError, match=f"pip install {pip}"):
+            drpo.load_reward(name)
