@@ -434,6 +434,8 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
     (["--model", "no-such-org/no-such-model"], "could not load --model"),
     (["--reward", "nosuchreward"], "unknown reward"),
     (["--reward", "nosuchmodule_xyz:score"], "cannot import"),
+    (["--reward", "test_drpo:scores_with_nan"], "NaN"),
+    (["--reward", "pickscore"], "huggingface-cli download yuvalkirstain/PickScore_v1"),
     (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
     (["--features", "mae"], "modelscope download"),
     (["--candidates", "0"], "at least 1"),
