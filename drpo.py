@@ -270,6 +270,12 @@ def load_pipeline(model, dtype=torch.float32):
     return pipe
 
 
+def latent_shape(pipe, resolution=None):
+    """(C, H/8, W/8) of the generator's latents for square images; None = the model's native side."""
+    side = (resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    return (pipe.unet.config.in_channels, side, side)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts):
     """CLIP text embeddings exactly as the pipeline computes them (max-length padding)."""
@@ -860,19 +866,23 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def sample_grid(pipe, prompts, noises, alpha_bar):
-    """One row per prompt, one column per fixed noise; the current LoRA on."""
+def image_grid(images, cols):
+    """Paste equally sized PIL images row by row into one image, cols per row."""
     from PIL import Image
 
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * cols, h * math.ceil(len(images) / cols)))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def sample_grid(pipe, prompts, noises, alpha_bar):
+    """One row per prompt, one column per fixed noise; the current LoRA on."""
     with torch.no_grad():
         emb = encode_prompts(pipe, prompts).repeat_interleave(len(noises), 0)
         z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-        imgs = to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar)))
-    w, h = imgs[0].size
-    grid = Image.new("RGB", (w * len(noises), h * len(prompts)))
-    for i, im in enumerate(imgs):
-        grid.paste(im, ((i % len(noises)) * w, (i // len(noises)) * h))
-    return grid
+        return image_grid(to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar))), len(noises))
 
 
 def train(args):
@@ -905,8 +915,7 @@ def train(args):
     phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
                         dinov2=args.dinov2, device=device)
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
-    side = (args.resolution or unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-    shape = (unet.config.in_channels, side, side)
+    shape = latent_shape(pipe, args.resolution)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,

@@ -1,5 +1,6 @@
 """Checks of DrPO: the drift field on toy tensors, then the models, rewards and loop on tiny models."""
 
+import importlib.util
 import json
 import math
 import os
@@ -622,3 +623,80 @@ def test_optional_package_rewards_say_what_to_install():
             pass
         with pytest.raises(ImportError, match=f"pip install {pip}"):
             drpo.load_reward(name)
+
+
+# ---------------------------------------------------------------- eval.py -----------------
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalrun") / "brightlora"
+    assert run(tiny, out, "--max-steps", "3", "--lr", "3e-2", "--sample-every", "0") == 0
+    return out
+
+
+def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(tiny, trained, tmp_path):
+    import numpy as np
+
+    import eval as ev
+
+    prompts = ["a lighthouse at night", "a bowl of fruit on a table", "snow"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    argv = ["--model", tiny, "--lora", str(trained), "--reward", "brightness,jpeg", "--prompts",
+            str(tmp_path / "p.txt"), "--seeds", "3", "--out", str(tmp_path / "ev")]
+    assert ev.main(argv) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    rows = list(__import__("csv").DictReader(open(tmp_path / "ev" / "scores.csv")))
+    assert len(rows) == 2 * 3 * 3 and (tmp_path / "ev" / "grid.png").is_file()
+    assert "| brightlora |" in (tmp_path / "ev" / "table.md").read_text()
+    # independent: the plain diffusers pipeline on the documented noises, brightness by numpy
+    bright = {}
+    for label, lora in (("base", None), ("brightlora", trained)):
+        pipe = pipeline(tiny, lora)
+        bright[label] = np.array([np.asarray(pipe(p, latents=torch.randn((1, 4, 16, 16), generator=torch.Generator()
+                                                                             .manual_seed(s)),
+                                                  num_inference_steps=1, guidance_scale=0.0).images[0],
+                                             dtype=np.float64).mean() / 255
+                                  for p in prompts for s in range(3)])
+    for label in bright:
+        ours = np.array([float(r["brightness"]) for r in rows if r["model"] == label])
+        np.testing.assert_allclose(ours, bright[label], atol=2e-3, rtol=0)
+        assert abs(res["scores"]["brightness"][label]["mean"] - bright[label].mean()) < 2e-3
+    d = bright["brightlora"] - bright["base"]
+    got = res["scores"]["brightness"]["brightlora"]
+    assert abs(d.mean()) > 1e-3  # the LoRA changed the images
+    assert got["diff_vs_base"] == pytest.approx(d.mean(), abs=2e-3)
+    assert got["win_rate"] == pytest.approx(((d > 0) + 0.5 * (d == 0)).mean(), abs=1 / 9 + 1e-9)
+    boot = np.random.default_rng(1).choice(d, (20000, d.size)).mean(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    assert got["ci95"][0] <= got["diff_vs_base"] <= got["ci95"][1]
+    assert got["ci95"] == pytest.approx([lo, hi], abs=0.1 * (hi - lo) + 2e-3)
+    assert res["seeds"] == [0, 1, 2] and res["prompts"] == prompts
+
+
+def test_eval_refuses_bad_input(tiny, trained, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    import eval as ev
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    lora = load_file(trained / "pytorch_lora_weights.safetensors")
+    for name, change in (("wrongkeys", lambda k, v: (k.replace("down_blocks.0", "down_blocks.5"), v)),
+                         ("wrongshape", lambda k, v: (k, torch.zeros(v.shape[0], 2 * v.shape[1])
+                                                      if "lora.down" in k else v))):
+        (tmp_path / name).mkdir()
+        save_file(dict(change(k, v) for k, v in lora.items()), tmp_path / name / "pytorch_lora_weights.safetensors")
+    base = ["--model", tiny, "--reward", "brightness", "--seeds", "1", "--out", str(tmp_path / "ev")]
+    for extra, message in ((["--lora", str(tmp_path / "nolora"), "--prompts", str(tmp_path / "p.txt")],
+                            "no pytorch_lora_weights.safetensors"),
+                           (["--lora", str(tmp_path / "wrongkeys"), "--prompts", str(tmp_path / "p.txt")],
+                            "another architecture"),
+                           (["--lora", str(tmp_path / "wrongshape"), "--prompts", str(tmp_path / "p.txt")],
+                            "another architecture"),
+                           (["--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+                           (["--prompts", str(tmp_path / "p.txt"), "--reward", "brightness,nosuch"], "unknown reward"),
+                           (["--prompts", "parti"], "--prompts parti.txt" if importlib.util.find_spec("datasets")
+                            else "pip install datasets")):
+        assert ev.main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()  # nothing written on failure

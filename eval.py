@@ -1,0 +1,213 @@
+"""Did DrPO help? Score the base generator and finetuned LoRAs on held-out prompts.
+
+    python eval.py --model sd-turbo --lora runs/drpo --reward pickscore,aesthetic,hpsv3 \
+        --prompts prompts.txt --seeds 4 --out eval/
+
+Every model sees the same noise for seed s: torch.randn((1, C, H/8, W/8)) from a CPU generator
+seeded with s, shared by all prompts, sampled in one step exactly as drpo.py trains. Each LoRA is
+compared with the base on the same (prompt, seed) pairs: mean difference, a 95 % paired
+bootstrap interval, and the win rate (ties count half).
+
+Writes EVALDIR/results.json, scores.csv (one row per image), table.md (also printed) and
+grid.png (first prompts, first seed; base, then each LoRA, left to right).
+"""
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import drpo
+
+# Named prompt sets of the paper: hub dataset, split, column.
+PROMPT_SETS = {"parti": ("nateraw/parti-prompts", "train", "Prompt"),
+               "pickapic": ("yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption")}
+
+
+def load_prompts(spec, limit=None):
+    """A text file (one prompt per line) or a named set fetched with `datasets`."""
+    if spec in PROMPT_SETS and not Path(spec).exists():
+        repo, split, column = PROMPT_SETS[spec]
+        fetch = f"python -c \"import datasets; print(*datasets.load_dataset('{repo}', split='{split}')['{column}'], sep=chr(10))\" > {spec}.txt"
+        try:
+            import datasets
+
+            prompts = list(dict.fromkeys(datasets.load_dataset(repo, split=split)[column]))  # unique, in order
+        except ImportError as e:
+            raise ImportError(f"--prompts {spec} needs the `datasets` package: `pip install datasets`, or pass a "
+                              f"text file with one prompt per line") from e
+        except Exception as e:  # offline, or the hub refused: say how to get a file
+            raise OSError(f"could not fetch the {spec} prompts ({repo}): {str(e).splitlines()[0]}. On a machine with "
+                          f"internet run\n  {fetch}\nthen pass --prompts {spec}.txt") from e
+    else:
+        prompts = drpo.read_prompts(spec)
+    return prompts[:limit] if limit else prompts
+
+
+def check_lora(unet, folder):
+    """Refuse a LoRA that does not fit this UNet (diffusers would load mismatched shapes silently)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--lora {folder}: no pytorch_lora_weights.safetensors there; pass the --output-dir "
+                                f"of a drpo.py run (or any diffusers-format LoRA folder)")
+    modules = dict(unet.named_modules())
+    found = 0
+    for key, w in load_file(path).items():
+        m = re.fullmatch(r"unet\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
+        if not m:
+            continue
+        found += 1
+        module, down = modules.get(m[1]), m[2] in ("lora.down", "lora_A")
+        if module is None:
+            raise ValueError(f"--lora {folder} adapts {m[1]}, which this --model does not have: a LoRA trained "
+                             f"for another architecture? Evaluate it with the model it was trained on")
+        fan = module.in_features if down else module.out_features
+        if w.shape[1 if down else 0] != fan:
+            raise ValueError(f"--lora {folder}: {key} has shape {tuple(w.shape)} but {m[1]} has "
+                             f"{'in' if down else 'out'} features {fan}: a LoRA for another architecture?")
+    if not found:
+        raise ValueError(f"--lora {folder} holds no UNet LoRA weights (keys `unet.*.lora.down/up.weight`)")
+
+
+def paired_stats(base, tuned, resamples=10_000, seed=0):
+    """Mean difference, 95 % percentile-bootstrap interval of it, and win rate (ties = 1/2)."""
+    d, g = tuned - base, torch.Generator().manual_seed(seed)
+    means = torch.cat([d[torch.randint(len(d), (1000, len(d)), generator=g)].mean(1)  # 1000 resamples at a time
+                       for _ in range(resamples // 1000)])
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=d.dtype)).tolist()
+    return {"mean": tuned.mean().item(), "std": tuned.std().item(), "diff_vs_base": d.mean().item(),
+            "ci95": [lo, hi], "win_rate": ((d > 0).double() + 0.5 * (d == 0).double()).mean().item()}
+
+
+@torch.no_grad()
+def generate(pipe, prompt, noises, alpha_bar):
+    """The one-step samples of one prompt, one per noise, as PIL images."""
+    emb = drpo.encode_prompts(pipe, [prompt]).repeat(len(noises), 1, 1)
+    x = drpo.one_step(pipe.unet, noises.to(pipe.unet.device, pipe.unet.dtype), emb, alpha_bar)
+    return drpo.to_pil(drpo.decode(pipe.vae, x))
+
+
+def markdown_table(scores):
+    rewards = list(scores)
+    lines = ["| model | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
+    for label in scores[rewards[0]]:
+        cells = []
+        for r in rewards:
+            s = scores[r][label]
+            cell = f"{s['mean']:.4g} ± {s['std']:.2g}"
+            if "diff_vs_base" in s:
+                cell += (f" ({s['diff_vs_base']:+.3g} [{s['ci95'][0]:+.3g}, {s['ci95'][1]:+.3g}], "
+                         f"win {100 * s['win_rate']:.0f}%)")
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, or a local diffusers pipeline folder")
+    p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir (or diffusers-format LoRA "
+                   "folder); repeat to compare several; labelled by folder name")
+    p.add_argument("--reward", default="pickscore,aesthetic,clip,hpsv3",
+                   help="comma list of metrics, each a drpo.py reward name or `module:function`")
+    p.add_argument("--prompts", required=True, help="text file with one prompt per line, or `parti` / `pickapic` "
+                     "(the paper's sets, fetched from the hub with `datasets`)")
+    p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--seeds", type=int, default=4, help="noises per prompt: seeds 0 .. N-1")
+    p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="generator dtype; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--reward-device", help="device of the reward models (default: --device)")
+    p.add_argument("--reward-batch", type=int, default=8, help="images per reward call")
+    p.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (as in drpo.py)")
+    p.add_argument("--hpsv3-base", help="local Qwen2-VL-7B-Instruct folder (as in drpo.py)")
+    p.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png")
+    return p
+
+
+def evaluate(args):
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    prompts = load_prompts(args.prompts, args.max_prompts)
+    pipe = drpo.load_pipeline(args.model, dtype).to(device)
+    labels = {}
+    for folder in args.lora:
+        check_lora(pipe.unet, folder)
+        label = Path(folder).resolve().name
+        labels[label if label not in labels and label != "base" else f"{label}-{len(labels) + 1}"] = folder
+    names = [r.strip() for r in args.reward.split(",") if r.strip()]
+    rewards = {r: drpo.load_reward(r, args.reward_device or device, args.reward_batch,
+                                   hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base) for r in names}
+    seeds = list(range(args.seeds))
+    noises = torch.cat([torch.randn((1, *drpo.latent_shape(pipe, args.resolution)),
+                                    generator=torch.Generator().manual_seed(s)) for s in seeds])
+    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+
+    # scores[reward][label]: (prompts * seeds,) in prompt-major order; grid: first seed per row
+    scores, grid = {r: {} for r in rewards}, []
+    bar = tqdm(total=(1 + len(labels)) * len(prompts), desc="eval", dynamic_ncols=True)
+    for label, folder in [("base", None), *labels.items()]:
+        if folder:
+            pipe.load_lora_weights(folder)
+        per = {r: [] for r in rewards}
+        for i, prompt in enumerate(prompts):
+            images = generate(pipe, prompt, noises, alpha_bar)
+            for r, fn in rewards.items():
+                per[r].append(fn(images, [prompt] * len(images)).double())
+            if i < args.grid_prompts:
+                grid.append((i, label, images[0]))
+            bar.update(1)
+            bar.set_postfix({f"{label}/{r}": f"{torch.cat(v).mean().item():.4g}" for r, v in per.items()})
+        for r in rewards:
+            scores[r][label] = torch.cat(per[r])
+        if folder:
+            pipe.unload_lora_weights()
+    bar.close()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {r: {"base": {"mean": s["base"].mean().item(), "std": s["base"].std().item()},
+                   **{label: paired_stats(s["base"], s[label]) for label in labels}} for r, s in scores.items()}
+    results = {"scores": summary, "prompts": prompts, "seeds": seeds, "loras": labels, "settings": vars(args)}
+    drpo.atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "prompt_index", "seed", "prompt", *rewards])
+        for label in ["base", *labels]:
+            for i, prompt in enumerate(prompts):
+                for j, s in enumerate(seeds):
+                    w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
+    grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
+    drpo.image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
+    table = markdown_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(args)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {Path(args.out) / 'results.json'}, scores.csv, table.md, grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
