@@ -877,6 +877,21 @@ def image_grid(images, cols):
     return grid
 
 
+def stopwatch(device):
+    """lap(name) adds the seconds since the previous lap to times[name]. CUDA is synchronized
+    first, so each phase is charged for its own kernels."""
+    times, last = {}, [time.perf_counter()]
+
+    def lap(name):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return times, lap
+
+
 def sample_grid(pipe, prompts, noises, alpha_bar):
     """One row per prompt, one column per fixed noise; the current LoRA on."""
     with torch.no_grad():
@@ -950,7 +965,7 @@ def train(args):
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True)
     while step < args.max_steps:
-        t0 = time.time()
+        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
         log = {"scores": [], "pos": [], "neg": [], "loss_pref": 0.0, "loss_ref": 0.0, "field_rms": 0.0,
                "dist_pos": 0.0, "dist_neg": 0.0, "dist_ref": 0.0}
         for _ in range(args.grad_accum):
@@ -964,15 +979,19 @@ def train(args):
             # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
             with torch.no_grad(), autocast:
                 x = one_step(unet, z, emb, alpha_bar)
+                lap("sample")
                 with lora_off(unet):
                     r = one_step(unet, z, emb, alpha_bar)
+            lap("reference")
 
             # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
             with torch.no_grad(), autocast:
                 images = [im for i in range(0, B * K, args.reward_batch)
                           for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
+            lap("decode")
             scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
             pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+            lap("reward")
 
             # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
             with torch.no_grad(), autocast:
@@ -983,9 +1002,11 @@ def train(args):
                 gen[key], ref[key] = f.flatten(1, 2), fr[key].view(B, -1, f.shape[-1])
                 pos[key] = torch.stack([f[b, pos_idx[b]] for b in range(B)]).flatten(1, 2)
                 neg[key] = torch.stack([f[b, neg_idx[b]] for b in range(B)]).flatten(1, 2)
+            lap("features")
 
             # 4. Field: preference dipole and reference drift on the detached features -> targets.
             targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
+            lap("field")
 
             # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
             zs, ns, es = (t.view(B, K, *t.shape[1:]) for t in (z, feat_noise, emb))
@@ -995,6 +1016,7 @@ def train(args):
                     fc = phi(one_step(unet, zc, ec, alpha_bar), nc)
                 fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
                 (regression_loss(fc, targets, start=c0, n_total=K) / args.grad_accum).backward()
+            lap("backward")  # the regression pass: generator and features recomputed, then backward
 
             log["scores"].append(scores.flatten())
             log["pos"].append(scores.gather(1, pos_idx).flatten())
@@ -1005,13 +1027,14 @@ def train(args):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
         step += 1
 
         scores = torch.cat(log.pop("scores"))
         metrics = {"step": step, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
                    "pos_mean": torch.cat(log.pop("pos")).mean().item(), "neg_mean": torch.cat(log.pop("neg")).mean().item(),
                    **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.time() - t0}
+                   "seconds": sum(times.values()), "phases_s": times}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.update(1)

@@ -368,6 +368,9 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, t
                 "lr", "seconds"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert all(r["pos_mean"] > r["neg_mean"] for r in rows)
+    phases = {"sample", "reference", "decode", "reward", "features", "field", "backward", "optimizer"}
+    assert all(set(r["phases_s"]) == phases and r["seconds"] == pytest.approx(sum(r["phases_s"].values()))
+               for r in rows)
     # the LoRA loads with the stock diffusers call, changes the output, and reproduces our sampler
     z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
     kw = dict(latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt")
@@ -408,7 +411,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny, tmp_path, monk
     assert run(tiny, tmp_path / "cut", *common, "--resume") == 0
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    drop = ("seconds",)
+    drop = ("seconds", "phases_s")
     assert [{k: v for k, v in json.loads(a).items() if k not in drop} for a in cut] == \
            [{k: v for k, v in json.loads(a).items() if k not in drop} for a in full]
     a = load_file(tmp_path / "full" / "pytorch_lora_weights.safetensors")

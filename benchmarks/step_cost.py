@@ -1,34 +1,63 @@
-"""Cost of a DrPO update, and how it grows with K, with and without --grad-chunk.
+"""What a DrPO update costs next to a reward-gradient (DRaFT-style) update, and how cost grows with K.
 
-Each configuration runs the real training loop (`drpo.main`) in a fresh subprocess for a few
-updates (grad-accum 1, brightness reward, default `unet` features) and reports the median
-seconds per update (first update excluded as warm-up) and the peak memory: CUDA's
-max-allocated on a GPU, the process's peak RSS on the CPU.
+Both updates use the same generator (LoRA on the UNet), the same differentiable reward network
+with random weights, the same K candidates of one prompt and the same resolution:
 
-    python benchmarks/step_cost.py --preset tiny-cpu --json /tmp/cost.json
-    python benchmarks/step_cost.py --preset sd-turbo --json cost.json     # GPU: SD-Turbo architecture, random weights, 512 px
+- DrPO: exactly the training loop, `drpo.main` with the reward passed as `step_cost:pil_reward`;
+  its per-phase times come from the loop's own stopwatch (metrics.jsonl, `phases_s`).
+- reward gradient: loss = -mean reward(decode(G_theta(z))), backpropagated through the reward
+  network and the VAE decoder into the LoRA, then the same AdamW step.
 
-Not measured yet: the reward-gradient (DRaFT-style) update the paper compares against.
+    python benchmarks/step_cost.py --preset tiny-cpu --json benchmarks/results/step_cost_tiny-cpu.json
+    python benchmarks/step_cost.py --preset sd-turbo --reward-arch qwen2vl-7b --json cost.json   # GPU
+
+Each method runs in its own process, once without and once with --grad-chunk, K ascending;
+the first updates are warm-up, then the mean of each phase over the timed updates is reported
+and `total_s` is their sum. Peak memory: CUDA max-allocated (reset per configuration) or the
+process's peak RSS (Linux VmHWM, reset per configuration through /proc/self/clear_refs).
+
+Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
+costs about 20x one tiny-UNet forward, as HPSv3 (~13 TFLOP per image: Qwen2-VL-7B over ~800
+tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at 512 px); the measured ratio is printed and
+saved. `qwen2vl-7b` is HPSv3's architecture (Qwen2-VL-7B + the reward head) with random weights,
+fed 448 x 448 images and a prompt of HPSv3's length; `qwen2vl-tiny` is the same code at toy size.
 """
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import drpo  # noqa: E402
 
-PRESETS = {  # (candidates, grad_chunk) pairs, steps per configuration
-    "tiny-cpu": dict(configs=[(8, 0), (24, 0), (64, 0), (24, 8), (64, 8)], steps=3, extra=["--resolution", "256"]),
-    "sd-turbo": dict(configs=[(8, 0), (16, 0), (24, 0), (24, 8), (32, 8)], steps=4, extra=[]),
+PRESETS = {
+    "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny"),
+    "sd-turbo": dict(resolution=512, candidates=(8, 16, 24, 32), chunk=8, steps=4, warmup=1, reward_arch="tiny"),
+}
+PHASES = ("sample", "reference", "decode", "reward", "features", "field", "backward", "optimizer")
+HPSV3_TEXT_TOKENS = 560  # the HPSv3 instruction, prompt and chat template, in Qwen2 tokens (about)
+QWEN2VL = {
+    "qwen2vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, image_token_id=151655,
+                       rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                       vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4)),
+    "qwen2vl-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         bos_token_id=0, eos_token_id=1,
+                         num_key_value_heads=2, vocab_size=1000, image_token_id=999,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)),
 }
 
+
+# ------------------------------------------------------------------ generator ----------------
 
 def make_sd_turbo_architecture(out_dir):
     """The SD-Turbo (SD 2.1) architecture with random weights, saved like the real model."""
@@ -52,48 +81,252 @@ def make_sd_turbo_architecture(out_dir):
     return str(Path(out_dir) / "model")
 
 
-def worker(model, K, chunk, steps, extra):
+
+# ------------------------------------------------------------------ reward networks ----------
+
+class TinyViT(torch.nn.Module):
+    """A random ViT-S-like scorer on 224 x 224 images: the stand-in for a big reward model."""
+
+    def __init__(self, width=384, depth=9):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, width, 16, 16)
+        self.pos = torch.nn.Parameter(torch.randn(1, 196, width) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, 1)
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1]
+        x = F.interpolate(images, size=(224, 224), mode="bilinear", antialias=False) * 2 - 1
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.blocks(x).mean(1))[:, 0]
+
+
+class Qwen2VLScorer(torch.nn.Module):
+    """HPSv3's computation on random weights: Qwen2-VL vision tower on a 448 x 448 image, its tokens
+    scattered into a prompt of HPSv3's length, the language model with sequential positions, and
+    the float32 reward head at the last token."""
+
+    def __init__(self, arch, dtype):
+        super().__init__()
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        self.config = Qwen2VLConfig.from_dict({"model_type": "qwen2_vl", "tie_word_embeddings": False, **QWEN2VL[arch]})
+        self.model = Qwen2VLForConditionalGeneration._from_config(self.config, dtype=dtype)
+        H = self.config.text_config.hidden_size
+        self.head = torch.nn.Sequential(torch.nn.Linear(H, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 16),
+                                        torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        n_image = (448 // 28) ** 2  # 256 merged image tokens
+        ids = torch.randint(0, 1000, (HPSV3_TEXT_TOKENS + n_image,), generator=torch.Generator().manual_seed(0))
+        ids[20:20 + n_image] = self.config.image_token_id
+        self.register_buffer("ids", ids, persistent=False)
+
+    def forward(self, images):
+        B, v = len(images), self.config.vision_config
+        mean = torch.tensor([0.4815, 0.4578, 0.4082], device=images.device)[:, None, None]
+        std = torch.tensor([0.2686, 0.2613, 0.2758], device=images.device)[:, None, None]
+        x = (F.interpolate(images, size=(448, 448), mode="bicubic") - mean) / std
+        # the processor's patch layout: (t, h/m, w/m, m, m) patches of (C, t_patch, p, p) values
+        g, m, p = 448 // v.patch_size, v.spatial_merge_size, v.patch_size
+        x = x[:, None].expand(B, v.temporal_patch_size, 3, 448, 448).to(self.model.dtype)
+        x = x.reshape(B, v.temporal_patch_size, 3, g // m, m, p, g // m, m, p)
+        pixels = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(B * g * g, -1)
+        grid = torch.tensor([[1, g, g]] * B, device=images.device)
+        vis = self.model.model.visual(pixels, grid_thw=grid).pooler_output
+        ids = self.ids.expand(B, -1)
+        embeds = self.model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == self.config.image_token_id)[..., None], vis.to(embeds.dtype))
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(3, B, -1)
+        hidden = self.model.model.language_model(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        return self.head(hidden[:, -1].float())[:, 0]
+
+
+_NET = {}
+
+
+def reward_net(arch=None, device=None):
+    """The process's reward network (built once, seed 0); frozen, as reward models are."""
+    if not _NET:
+        arch = arch or os.environ["STEP_COST_REWARD_ARCH"]
+        device = torch.device(device or os.environ.get("STEP_COST_DEVICE", "cpu"))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = TinyViT() if arch == "tiny" else Qwen2VLScorer(arch, dtype)
+        _NET["net"] = net.to(device).eval().requires_grad_(False)
+    return _NET["net"]
+
+
+def pil_reward(images, prompts):
+    """The reward network behind drpo's (images, prompts) interface, for the DrPO update."""
+    import numpy as np
+
+    net = reward_net()
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    device = next(net.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return net(x.to(device).float() / 255)
+
+
+# ------------------------------------------------------------------ measurement --------------
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def drpo_update(model, K, chunk, steps, resolution, device):
+    """`steps` updates of the real training loop; returns the per-update phase times."""
     n = str(min(8, K // 3))  # the published 8 / 8 where K allows
     with tempfile.TemporaryDirectory() as out:
-        rc = drpo.main(["--model", model, "--reward", "brightness", "--candidates", str(K), "--grad-chunk", str(chunk),
-                        "--n-pos", n, "--n-neg", n,
-                        "--grad-accum", "1", "--max-steps", str(steps), "--sample-every", "0", "--save-every", "1000000",
-                        "--output-dir", out, "--overwrite", *extra])
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rc": rc, "step_s": statistics.median(r["seconds"] for r in rows[1:]), "peak_mb": peak}))
+        rc = drpo.main(["--model", model, "--reward", "step_cost:pil_reward", "--candidates", str(K),
+                        "--grad-chunk", str(chunk), "--reward-batch", str(chunk or K), "--n-pos", n, "--n-neg", n,
+                        "--grad-accum", "1", "--max-steps", str(steps), "--resolution", str(resolution),
+                        "--device", str(device), "--sample-every", "0", "--save-every", "1000000",
+                        "--output-dir", out, "--overwrite"])
+        if rc != 0:
+            raise RuntimeError(f"drpo.main exited with {rc}")
+        return [json.loads(line)["phases_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def reward_grad_update(model, K, chunk, steps, resolution, device):
+    """`steps` reward-gradient updates: loss = -mean reward(decode(G_theta(z))), through reward and decoder."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = drpo.load_pipeline(model, dtype).to(device)
+    torch.manual_seed(0)
+    params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    net = reward_net()
+    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+    shape = drpo.latent_shape(pipe, resolution)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    C = chunk or K
+    rows = []
+    for _ in range(steps):
+        times, lap = drpo.stopwatch(device)
+        z = torch.randn((K, *shape)).to(device, dtype)
+        emb = drpo.encode_prompts(pipe, ["a photo of a cat"]).repeat(K, 1, 1)
+        for c0 in range(0, K, C):
+            with autocast:
+                x = drpo.one_step(pipe.unet, z[c0:c0 + C], emb[c0:c0 + C], alpha_bar)
+                lap("sample")
+                images = drpo.decode(pipe.vae, x)
+                lap("decode")
+                loss = -net(images).float().sum() / K
+            lap("reward")
+            loss.backward()
+            lap("backward")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+        rows.append(times)
+    return rows
+
+
+def worker(method, model, arch, candidates, chunk, steps, warmup, resolution, device):
+    """One process per method and chunk setting, K ascending; one JSON line per configuration."""
+    sys.modules.setdefault("step_cost", sys.modules["__main__"])  # `step_cost:pil_reward` is this module
+    os.environ["STEP_COST_REWARD_ARCH"], os.environ["STEP_COST_DEVICE"] = arch, device
+    device = torch.device(device)
+    reward_net()
+    for K in [k for k in candidates if not chunk or chunk < k]:  # chunk >= K is the unchunked run
+        reset_peak(device)
+        fn = drpo_update if method == "drpo" else reward_grad_update
+        rows = fn(model, K, chunk, warmup + steps, resolution, device)[warmup:]
+        phases = {p: statistics.fmean(r.get(p, 0.0) for r in rows) for p in PHASES}
+        print(json.dumps({"method": method, "candidates": K, "grad_chunk": chunk or K,
+                          "total_s": sum(phases.values()), "phases_s": phases, "peak_mb": peak_mb(device)}),
+              flush=True)
+
+
+def forward_ratio(model, arch, resolution, device, n=4):
+    """Seconds of one reward-network forward per image over one UNet forward per sample."""
+    pipe = drpo.load_pipeline(model, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    net = reward_net(arch, device)
+    z = torch.randn((n, *drpo.latent_shape(pipe, resolution)), device=device, dtype=pipe.unet.dtype)
+    emb = drpo.encode_prompts(pipe, ["a photo of a cat"]).repeat(n, 1, 1)
+    images = torch.rand((n, 3, resolution, resolution), device=device)
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return best(lambda: net(images)) / best(lambda: pipe.unet(z, drpo.ONE_STEP_T, encoder_hidden_states=emb))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
+    ap.add_argument("--reward-arch", choices=("tiny", *QWEN2VL), help="reward network (default: the preset's)")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--worker", nargs=4, metavar=("MODEL", "K", "CHUNK", "STEPS"), help=argparse.SUPPRESS)
-    ap.add_argument("--extra", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        model, K, chunk, steps = args.worker
-        return worker(model, int(K), int(chunk), int(steps), args.extra.split())
+        return worker(**json.loads(args.worker))
     preset = PRESETS[args.preset]
+    arch = args.reward_arch or preset["reward_arch"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arch == "qwen2vl-7b" and device.type != "cuda":
+        sys.exit("--reward-arch qwen2vl-7b needs a GPU (about 17 GB of weights in bf16)")
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(drpo.make_tiny(Path(tmp) / "tiny"))
+        ratio = forward_ratio(model, arch, preset["resolution"], device)
+        _NET.clear()
+        print(f"reward forward per image / UNet forward per sample: {ratio:.1f}x", flush=True)
         results = []
-        for K, chunk in preset["configs"]:
-            cmd = [sys.executable, __file__, "--worker", model, str(K), str(chunk), str(preset["steps"]),
-                   "--extra=" + " ".join(preset["extra"])]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
-            res = {"candidates": K, "grad_chunk": chunk or K, **json.loads(last)}
-            if not res.get("step_s"):
-                res["error"] = out.stderr[-2000:]
-            results.append(res)
-            print(f"K={K:3d} chunk={chunk or K:3d}  {res.get('step_s', float('nan')):7.3f} s/update  "
-                  f"peak {res.get('peak_mb', float('nan')):9.0f} MB", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    summary = {"device": device, "preset": args.preset, "results": results}
+        for method in ("drpo", "reward_grad"):
+            for chunk in (0, preset["chunk"]):
+                spec = dict(method=method, model=model, arch=arch, candidates=list(preset["candidates"]), chunk=chunk,
+                            steps=preset["steps"], warmup=preset["warmup"], resolution=preset["resolution"],
+                            device=str(device))
+                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                     text=True)
+                lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+                if out.returncode != 0 or not lines:
+                    sys.exit(f"{method} chunk={chunk} failed:\n{out.stderr[-3000:]}")
+                results += lines
+    print(f"\n{'method':12s} {'K':>3s} {'chunk':>5s} {'s/update':>9s} {'peak MB':>9s}  " +
+          " ".join(f"{p[:8]:>8s}" for p in PHASES))
+    for r in sorted(results, key=lambda r: (r["method"], r["grad_chunk"] < r["candidates"], r["candidates"])):
+        print(f"{r['method']:12s} {r['candidates']:3d} {r['grad_chunk']:5d} {r['total_s']:9.3f} {r['peak_mb']:9.0f}  " +
+              " ".join(f"{r['phases_s'][p]:8.3f}" for p in PHASES))
+    K = 24
+    pick = {m: next(r for r in results if r["method"] == m and r["candidates"] == K and r["grad_chunk"] == K)
+            for m in ("drpo", "reward_grad")}
+    summary = {
+        "drpo": {k: pick["drpo"][k] for k in ("total_s", "phases_s", "peak_mb")},
+        "reward_grad": {k: pick["reward_grad"][k] for k in ("total_s", "phases_s", "peak_mb")},
+        "ratio": pick["reward_grad"]["total_s"] / pick["drpo"]["total_s"],
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "settings": {"preset": args.preset, "reward_arch": arch, "candidates": K, "resolution": preset["resolution"],
+                     "timed_updates": preset["steps"], "warmup_updates": preset["warmup"],
+                     "reward_to_unet_forward": ratio, "precision": "bf16" if device.type == "cuda" else "fp32"},
+        "scaling": results,
+        "wall_s": time.time() - t0,
+    }
+    print(f"\nK={K}: reward-gradient update {summary['reward_grad']['total_s']:.3f} s, DrPO update "
+          f"{summary['drpo']['total_s']:.3f} s: DrPO is {summary['ratio']:.2f}x faster "
+          f"(total {summary['wall_s']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 
