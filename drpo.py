@@ -250,6 +250,9 @@ def load_pipeline(model, dtype=torch.float32):
     path = MODEL_ALIASES.get(model, model)
     local = Path(path).expanduser()
     if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise FileNotFoundError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
+                                    f"pass the folder `pipe.save_pretrained` wrote, or a hub id such as sd-turbo")
         path = str(local)
     elif path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--model {model}: no such folder. Pass a diffusers pipeline folder, a hub id, "
@@ -263,6 +266,8 @@ def load_pipeline(model, dtype=torch.float32):
             f"  Known aliases: {', '.join(MODEL_ALIASES)}. Hub models download on first use; offline, fetch it on a "
             f"machine with internet (`huggingface-cli download {path} --local-dir DIR`) and pass --model DIR. "
             f"For an offline demo: `python drpo.py --make-tiny DIR`.") from e
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen: the LoRA is all that trains
+        module.requires_grad_(False)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
     if kind != "epsilon":
         raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
@@ -378,9 +383,16 @@ def make_tiny(out_dir, seed=0):
         sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
-    vae = AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
+    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
+    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
+    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
+    z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
+    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
+        for _ in range(8)]
+    with torch.no_grad():
+        vae = max(vaes, key=lambda v: decode(v, 15 * z).mean((1, 2, 3)).std().item())
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="trailing", steps_offset=1)  # as sd-turbo's
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

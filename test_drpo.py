@@ -354,6 +354,33 @@ def test_unet_features_reuse_noise_and_pass_gradient_to_the_latent_only(tiny):
     assert x.grad.abs().sum() > 0 and all(p.grad is None for p in params)
 
 
+def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=224)).save_pretrained(tmp_path / "dino")
+    pipe = drpo.load_pipeline(tiny)
+    phi = drpo.load_features("dinov2", pipe=pipe, dinov2=str(tmp_path / "dino"))
+    x = torch.randn(3, 4, 16, 16, requires_grad=True)
+    f = phi(x)
+    assert {k: tuple(v.shape) for k, v in f.items()} == {
+        "dinov2_cls": (3, 1, 32), "dinov2_mean": (3, 1, 32), "dinov2_std": (3, 1, 32), "dinov2_mean_2": (3, 64, 32),
+        "dinov2_std_2": (3, 64, 32), "dinov2_mean_4": (3, 16, 32), "dinov2_std_4": (3, 16, 32)}
+    f["dinov2_std_4"].sum().backward()
+    assert x.grad.abs().sum() > 0 and all(not p.requires_grad for p in pipe.vae.parameters())
+    # independent: the decoded image, resized and ImageNet-normalized, through Dinov2Model itself
+    with torch.no_grad():
+        img = (pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        img = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
+        img = (img - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        h = Dinov2Model.from_pretrained(tmp_path / "dino")(pixel_values=img).last_hidden_state
+    torch.testing.assert_close(f["dinov2_cls"].detach(), h[:, :1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(f["dinov2_mean"].detach()[:, 0], h[:, 1:].mean(1), rtol=0, atol=1e-5)
+    with pytest.raises(OSError, match="--dinov2 DIR"):
+        drpo.load_features("dinov2", pipe=pipe, dinov2=str(tmp_path / "nodino"))
+
+
 def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, tmp_path):
     out = tmp_path / "run"
     assert run(tiny, out, "--max-steps", "3", "--sample-every", "2", "--save-every", "2") == 0
@@ -424,9 +451,11 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
         assert run(tiny, tmp_path / name, "--max-steps", "2", "--grad-chunk", chunk, "--sample-every", "0") == 0
     rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("whole", "chunks")}
-    for r1, r2 in zip(rows["whole"], rows["chunks"]):
-        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
-        assert r1["loss_pref"] == pytest.approx(r2["loss_pref"], rel=1e-5)
+    # step 1: the same gradient up to float summation order; later steps also carry Adam's
+    # amplification of those ~1e-7 differences on near-zero gradient entries
+    for i, (r1, r2) in enumerate(zip(rows["whole"], rows["chunks"])):
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5 if i == 0 else 2e-4)
+        assert r1["loss_pref"] == pytest.approx(r2["loss_pref"], rel=1e-5 if i == 0 else 2e-4)
     a = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "chunks" / "pytorch_lora_weights.safetensors")
     for k in a:
@@ -435,6 +464,7 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "no such folder"),
+    (["--model", "."], "not a diffusers pipeline"),
     (["--model", "no-such-org/no-such-model"], "could not load --model"),
     (["--reward", "nosuchreward"], "unknown reward"),
     (["--reward", "nosuchmodule_xyz:score"], "cannot import"),

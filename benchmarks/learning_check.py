@@ -30,11 +30,11 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
         pipe.load_lora_weights(lora_dir)
     vals = []
     for s in seeds:
-        z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1000 + s))
+        z = torch.randn((1, *drpo.latent_shape(pipe)), generator=torch.Generator().manual_seed(1000 + s))
         for p in HELD_OUT:
             img = pipe(p, latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
             vals.append(img.mean().item())
-    return sum(vals) / len(vals)
+    return torch.tensor(vals).mean().item(), torch.tensor(vals).std().item()
 
 
 def main():
@@ -45,14 +45,14 @@ def main():
     args = ap.parse_args()
     if not Path(args.tiny).is_dir():
         drpo.make_tiny(args.tiny)
-    base = heldout_brightness(args.tiny)
-    result = {"base": base}
+    base, spread = heldout_brightness(args.tiny)
+    result = {"base": base, "base_std_over_images": spread}
     for reward in ("brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
         drpo.main(["--model", args.tiny, "--reward", reward, "--max-steps", str(args.steps), "--lr", "1e-3",
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite"])
-        result[reward] = {"heldout": heldout_brightness(args.tiny, out), "train_s": time.time() - t0}
+        result[reward] = {"heldout": heldout_brightness(args.tiny, out)[0], "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
     print(json.dumps(result, indent=2))
 
