@@ -517,6 +517,20 @@ def test_hpsv3_port_reproduces_the_published_scores():
     assert (batch - wrong).abs().max() > 1e-2
 
 
+def test_hpsv3_reads_the_score_at_the_reward_token(monkeypatch):
+    from PIL import Image
+
+    exp = json.loads((HPS / "expected.json").read_text())
+    reward = drpo.load_reward("hpsv3", "cpu", hpsv3_ckpt=HPS / "HPSv3.safetensors", hpsv3_base=HPS / "base")
+    images = [Image.open(HPS / p) for p in exp["images"]][:2]
+    before = reward(images, exp["prompts"][:2])
+    # text after <|Reward|> cannot reach it through causal attention: the score must not move ...
+    monkeypatch.setattr(drpo, "HPSV3_SUFFIX", drpo.HPSV3_SUFFIX + "and some more words after the end\n")
+    torch.testing.assert_close(reward(images, exp["prompts"][:2]), before, rtol=0, atol=1e-5)
+    # ... while text before it does
+    assert (reward(images, [p + " at night" for p in exp["prompts"][:2]]) - before).abs().max() > 1e-4
+
+
 def test_hpsv3_without_weights_says_what_to_download(tiny, tmp_path, capsys):
     argv = ["--model", tiny, "--reward", "hpsv3", "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
             "--candidates", "8", "--n-pos", "3", "--n-neg", "3"]
