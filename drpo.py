@@ -264,7 +264,7 @@ def load_pipeline(model, dtype=torch.float32):
         raise OSError(
             f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
             f"  Known aliases: {', '.join(MODEL_ALIASES)}. Hub models download on first use; offline, fetch it on a "
-            f"machine with internet (`huggingface-cli download {path} --local-dir DIR`) and pass --model DIR. "
+            f"machine with internet (`hf download {path} --local-dir DIR`) and pass --model DIR. "
             f"For an offline demo: `python drpo.py --make-tiny DIR`.") from e
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen: the LoRA is all that trains
         module.requires_grad_(False)
@@ -462,8 +462,8 @@ def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
         template = json.loads(template_file.read_text())["chat_template"] if template_file.is_file() else None
     except OSError as e:
         raise OSError(f"HPSv3 needs HPSv3.safetensors and the Qwen2-VL-7B-Instruct config/tokenizer ({str(e).splitlines()[0]}). "
-                      f"Download them with `huggingface-cli download MizzenAI/HPSv3 HPSv3.safetensors --local-dir DIR` and "
-                      f"`huggingface-cli download Qwen/Qwen2-VL-7B-Instruct --exclude '*.safetensors' --local-dir BASE`, "
+                      f"Download them with `hf download MizzenAI/HPSv3 HPSv3.safetensors --local-dir DIR` and "
+                      f"`hf download Qwen/Qwen2-VL-7B-Instruct --exclude '*.safetensors' --local-dir BASE`, "
                       f"then pass --hpsv3-ckpt DIR/HPSv3.safetensors --hpsv3-base BASE") from e
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
     reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
@@ -527,7 +527,7 @@ AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
 
 
 def _hub_error(what, downloads, e):
-    cmds = " and ".join(f"`huggingface-cli download {d}`" for d in downloads)
+    cmds = " and ".join(f"`hf download {d}`" for d in downloads)
     return OSError(f"{what} could not be loaded ({str(e).splitlines()[0]}). Download it on a machine with "
                    f"internet with {cmds} (into the Hugging Face cache, then copy the cache over), or check the path")
 
@@ -812,7 +812,7 @@ def dinov2_features(vae, model_id="facebook/dinov2-base", device="cpu", dtype=to
         net = AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
     except OSError as e:
         raise OSError(f"could not load DINOv2 {model_id!r} ({str(e).splitlines()[0]}); download it with "
-                           f"`huggingface-cli download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
+                           f"`hf download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     patch = net.config.patch_size

@@ -469,7 +469,7 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
     (["--reward", "nosuchreward"], "unknown reward"),
     (["--reward", "nosuchmodule_xyz:score"], "cannot import"),
     (["--reward", "test_drpo:scores_with_nan"], "NaN"),
-    (["--reward", "pickscore"], "huggingface-cli download yuvalkirstain/PickScore_v1"),
+    (["--reward", "pickscore"], "hf download yuvalkirstain/PickScore_v1"),
     (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
     (["--features", "mae"], "modelscope download"),
     (["--candidates", "0"], "at least 1"),
@@ -531,12 +531,20 @@ def test_hpsv3_reads_the_score_at_the_reward_token(monkeypatch):
     assert (reward(images, [p + " at night" for p in exp["prompts"][:2]]) - before).abs().max() > 1e-4
 
 
+def test_download_command_in_messages_is_installed_with_huggingface_hub():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name for e in entry_points(group="console_scripts") if e.dist.name in ("huggingface_hub",
+                                                                                         "huggingface-hub")}
+    assert "hf" in scripts  # `huggingface-cli` is gone from huggingface_hub >= 1.0
+
+
 def test_hpsv3_without_weights_says_what_to_download(tiny, tmp_path, capsys):
     argv = ["--model", tiny, "--reward", "hpsv3", "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
             "--candidates", "8", "--n-pos", "3", "--n-neg", "3"]
     assert drpo.main(argv) == 2
     err = capsys.readouterr().err
-    assert "huggingface-cli download MizzenAI/HPSv3" in err and "--hpsv3-ckpt" in err
+    assert "hf download MizzenAI/HPSv3" in err and "--hpsv3-ckpt" in err
 
 
 def scores_of_length_two(images, prompts):
@@ -657,7 +665,7 @@ def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_pat
                                        ("clip", "openai/clip-vit-large-patch14"),
                                        ("aesthetic", "openai/clip-vit-large-patch14")])
 def test_clip_rewards_without_weights_say_what_to_download(name, repo):
-    with pytest.raises(OSError, match=f"huggingface-cli download {repo}"):
+    with pytest.raises(OSError, match=f"hf download {repo}"):
         drpo.load_reward(name)
 
 
