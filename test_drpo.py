@@ -755,3 +755,28 @@ def test_eval_refuses_bad_input(tiny, trained, tmp_path, capsys):
         assert ev.main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()  # nothing written on failure
+
+
+# ---------------------------------------------------------------- benchmarks --------------
+
+def test_hpsv3_cost_stand_in_patchifies_like_qwen2vl_and_passes_gradient():
+    """benchmarks/step_cost.py times HPSv3's architecture on the GPU only; check its code at toy size."""
+    import importlib.util
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    spec = importlib.util.spec_from_file_location("step_cost", Path(__file__).parent / "benchmarks" / "step_cost.py")
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    net = sc.Qwen2VLScorer("qwen2vl-tiny", torch.float32).eval()
+    seen = {}
+    net.model.model.visual.register_forward_pre_hook(lambda m, args: seen.setdefault("pixels", args[0]))
+    img = torch.rand(1, 3, 448, 448, requires_grad=True)
+    net(img).sum().backward()
+    assert img.grad.abs().sum() > 0
+    proc = Qwen2VLImageProcessorPil.from_pretrained(HPS / "base")  # the fixture's processor settings
+    pil = drpo.to_pil(torch.nn.functional.interpolate(img.detach(), size=(448, 448), mode="bicubic").clamp(0, 1))
+    ref = proc(images=pil, do_resize=False, return_tensors="pt")["pixel_values"]
+    ours = seen["pixels"]
+    assert ours.shape == ref.shape == (1024, 1176)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0.05)  # equal up to the processor's uint8 rounding
