@@ -243,10 +243,15 @@ def worker(method, model, arch, candidates, chunk, steps, warmup, resolution, de
     for K in [k for k in candidates if not chunk or chunk < k]:  # chunk >= K is the unchunked run
         reset_peak(device)
         fn = drpo_update if method == "drpo" else reward_grad_update
-        rows = fn(model, K, chunk, warmup + steps, resolution, device)[warmup:]
+        row = {"method": method, "candidates": K, "grad_chunk": chunk or K}
+        try:
+            rows = fn(model, K, chunk, warmup + steps, resolution, device)[warmup:]
+        except torch.OutOfMemoryError:  # report it and go on with the next configuration
+            torch.cuda.empty_cache()
+            print(json.dumps({**row, "error": "out of memory"}), flush=True)
+            continue
         phases = {p: statistics.fmean(r.get(p, 0.0) for r in rows) for p in PHASES}
-        print(json.dumps({"method": method, "candidates": K, "grad_chunk": chunk or K,
-                          "total_s": sum(phases.values()), "phases_s": phases, "peak_mb": peak_mb(device)}),
+        print(json.dumps({**row, "total_s": sum(phases.values()), "phases_s": phases, "peak_mb": peak_mb(device)}),
               flush=True)
 
 
@@ -308,17 +313,21 @@ def main():
     print(f"\n{'method':12s} {'K':>3s} {'chunk':>5s} {'s/update':>9s} {'peak MB':>9s}  " +
           " ".join(f"{p[:8]:>8s}" for p in PHASES))
     for r in sorted(results, key=lambda r: (r["method"], r["grad_chunk"] < r["candidates"], r["candidates"])):
-        print(f"{r['method']:12s} {r['candidates']:3d} {r['grad_chunk']:5d} {r['total_s']:9.3f} {r['peak_mb']:9.0f}  " +
+        head = f"{r['method']:12s} {r['candidates']:3d} {r['grad_chunk']:5d}"
+        print(f"{head} {r['error']}" if "error" in r else f"{head} {r['total_s']:9.3f} {r['peak_mb']:9.0f}  " +
               " ".join(f"{r['phases_s'][p]:8.3f}" for p in PHASES))
-    K = 24
-    pick = {m: next(r for r in results if r["method"] == m and r["candidates"] == K and r["grad_chunk"] == K)
-            for m in ("drpo", "reward_grad")}
+    K = 24  # compare at the published K, unchunked where it fits, else chunked
+    pick = {m: min((r for r in results if r["method"] == m and r["candidates"] == K and "error" not in r),
+                   key=lambda r: -r["grad_chunk"], default=None) for m in ("drpo", "reward_grad")}
+    if None in pick.values():
+        sys.exit(f"no K={K} result for {[m for m, r in pick.items() if r is None]} (out of memory?)")
     summary = {
         "drpo": {k: pick["drpo"][k] for k in ("total_s", "phases_s", "peak_mb")},
         "reward_grad": {k: pick["reward_grad"][k] for k in ("total_s", "phases_s", "peak_mb")},
         "ratio": pick["reward_grad"]["total_s"] / pick["drpo"]["total_s"],
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "settings": {"preset": args.preset, "reward_arch": arch, "candidates": K, "resolution": preset["resolution"],
+        "settings": {"preset": args.preset, "reward_arch": arch, "candidates": K,
+                     "grad_chunk": {m: r["grad_chunk"] for m, r in pick.items()}, "resolution": preset["resolution"],
                      "timed_updates": preset["steps"], "warmup_updates": preset["warmup"],
                      "reward_to_unet_forward": ratio, "precision": "bf16" if device.type == "cuda" else "fp32"},
         "scaling": results,
