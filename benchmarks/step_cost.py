@@ -17,7 +17,7 @@ and `total_s` is their sum. Peak memory: CUDA max-allocated (reset per configura
 process's peak RSS (Linux VmHWM, reset per configuration through /proc/self/clear_refs).
 
 Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
-costs about 20x one tiny-UNet forward, as HPSv3 (~13 TFLOP per image: Qwen2-VL-7B over ~800
+costs 16-18x one tiny-UNet forward (about 20x was the aim), as HPSv3 (~13 TFLOP per image: Qwen2-VL-7B over ~800
 tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at 512 px); the measured ratio is printed and
 saved. `qwen2vl-7b` is HPSv3's architecture (Qwen2-VL-7B + the reward head) with random weights,
 fed 448 x 448 images and a prompt of HPSv3's length; `qwen2vl-tiny` is the same code at toy size.
