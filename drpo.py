@@ -275,6 +275,13 @@ def load_pipeline(model, dtype=torch.float32):
     return pipe
 
 
+def precision_dtype(precision, device):
+    """A --precision value -> dtype; auto = bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
 def latent_shape(pipe, resolution=None):
     """(C, H/8, W/8) of the generator's latents for square images; None = the model's native side."""
     side = (resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
@@ -449,7 +456,7 @@ def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
     base = base or "Qwen/Qwen2-VL-7B-Instruct"
-    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = dtype or precision_dtype("auto", device)
     try:
         if ckpt is None:
             from huggingface_hub import hf_hub_download
@@ -626,8 +633,7 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, hpsv3_ckpt=None, h
     computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
     bf16 on CUDA, fp32 otherwise (heads stay fp32).
     """
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = dtype or precision_dtype("auto", device)
     members = [m.strip() for m in spec.split(",") if m.strip()]
     if not members:
         raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
@@ -904,20 +910,19 @@ def stopwatch(device):
     return times, lap
 
 
-def sample_grid(pipe, prompts, noises, alpha_bar):
-    """One row per prompt, one column per fixed noise; the current LoRA on."""
-    with torch.no_grad():
-        emb = encode_prompts(pipe, prompts).repeat_interleave(len(noises), 0)
-        z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-        return image_grid(to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar))), len(noises))
+@torch.no_grad()
+def sample_images(pipe, prompts, noises, alpha_bar):
+    """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
+    emb = encode_prompts(pipe, prompts).repeat_interleave(len(noises), 0)
+    z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
+    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar)))
 
 
 def train(args):
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = precision_dtype(args.precision, device)
     out = Path(args.output_dir)
     ckpt_path = out / "checkpoint.pt"
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
@@ -936,8 +941,9 @@ def train(args):
     params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reward_fn = load_reward(args.reward, args.reward_device or device, args.reward_batch,
-                            {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.reward_precision],
+    reward_device = args.reward_device or device
+    reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
+                            precision_dtype(args.reward_precision, reward_device),
                             hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
     phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
                         dinov2=args.dinov2, device=device)
@@ -1056,7 +1062,7 @@ def train(args):
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             (out / "samples").mkdir(exist_ok=True)
             with autocast:
-                grid = sample_grid(pipe, grid_prompts, grid_noises, alpha_bar)
+                grid = image_grid(sample_images(pipe, grid_prompts, grid_noises, alpha_bar), len(grid_noises))
             atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
         if step % args.save_every == 0 or step == args.max_steps:
             save_lora(unet, out)
@@ -1150,11 +1156,13 @@ def build_parser():
 
 def check_args(args):
     for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
-                 "lora_rank", "save_every"):
+                 "lora_rank", "save_every", "grid_prompts", "grid_noises"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.grad_chunk < 0:
         raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
+    if args.sample_every < 0:
+        raise ValueError("--sample-every must be 0 (never) or a positive number of steps")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
 

@@ -84,14 +84,6 @@ def paired_stats(base, tuned, resamples=10_000, seed=0):
             "ci95": [lo, hi], "win_rate": ((d > 0).double() + 0.5 * (d == 0).double()).mean().item()}
 
 
-@torch.no_grad()
-def generate(pipe, prompt, noises, alpha_bar):
-    """The one-step samples of one prompt, one per noise, as PIL images."""
-    emb = drpo.encode_prompts(pipe, [prompt]).repeat(len(noises), 1, 1)
-    x = drpo.one_step(pipe.unet, noises.to(pipe.unet.device, pipe.unet.dtype), emb, alpha_bar)
-    return drpo.to_pil(drpo.decode(pipe.vae, x))
-
-
 def markdown_table(scores):
     rewards = list(scores)
     lines = ["| model | " + " | ".join(rewards) + " |", "| --- |" + " --- |" * len(rewards)]
@@ -137,10 +129,10 @@ def evaluate(args):
     from tqdm import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else torch.float32
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    dtype = drpo.precision_dtype(args.precision, device)
+    for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     prompts = load_prompts(args.prompts, args.max_prompts)
     pipe = drpo.load_pipeline(args.model, dtype).to(device)
     labels = {}
@@ -164,7 +156,7 @@ def evaluate(args):
             pipe.load_lora_weights(folder)
         per = {r: [] for r in rewards}
         for i, prompt in enumerate(prompts):
-            images = generate(pipe, prompt, noises, alpha_bar)
+            images = drpo.sample_images(pipe, [prompt], noises, alpha_bar)
             for r, fn in rewards.items():
                 per[r].append(fn(images, [prompt] * len(images)).double())
             if i < args.grid_prompts:

@@ -720,6 +720,8 @@ def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(tiny,
     got = res["scores"]["brightness"]["brightlora"]
     assert abs(d.mean()) > 1e-3  # the LoRA changed the images
     assert got["diff_vs_base"] == pytest.approx(d.mean(), abs=2e-3)
+    ours = {m: np.array([float(r["brightness"]) for r in rows if r["model"] == m]) for m in bright}
+    assert got["diff_vs_base"] == pytest.approx((ours["brightlora"] - ours["base"]).mean(), abs=1e-9)  # the mean
     assert got["win_rate"] == pytest.approx(((d > 0) + 0.5 * (d == 0)).mean(), abs=1 / 9 + 1e-9)
     boot = np.random.default_rng(1).choice(d, (20000, d.size)).mean(1)
     lo, hi = np.quantile(boot, [0.025, 0.975])
@@ -749,6 +751,7 @@ def test_eval_refuses_bad_input(tiny, trained, tmp_path, capsys):
                            (["--lora", str(tmp_path / "wrongshape"), "--prompts", str(tmp_path / "p.txt")],
                             "another architecture"),
                            (["--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+                           (["--prompts", str(tmp_path / "p.txt"), "--max-prompts", "0"], "--max-prompts must be"),
                            (["--prompts", str(tmp_path / "p.txt"), "--reward", "brightness,nosuch"], "unknown reward"),
                            (["--prompts", "parti"], "--prompts parti.txt" if importlib.util.find_spec("datasets")
                             else "pip install datasets")):

@@ -148,7 +148,7 @@ def reward_net(arch=None, device=None):
     if not _NET:
         arch = arch or os.environ["STEP_COST_REWARD_ARCH"]
         device = torch.device(device or os.environ.get("STEP_COST_DEVICE", "cpu"))
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = drpo.precision_dtype("auto", device)
         torch.manual_seed(0)
         with torch.device(device):
             net = TinyViT() if arch == "tiny" else Qwen2VLScorer(arch, dtype)
@@ -201,7 +201,7 @@ def drpo_update(model, K, chunk, steps, resolution, device):
 
 def reward_grad_update(model, K, chunk, steps, resolution, device):
     """`steps` reward-gradient updates: loss = -mean reward(decode(G_theta(z))), through reward and decoder."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = drpo.precision_dtype("auto", device)
     pipe = drpo.load_pipeline(model, dtype).to(device)
     torch.manual_seed(0)
     params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
