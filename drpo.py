@@ -3,8 +3,7 @@
 A single-file reference implementation of arXiv 2606.02521 for SD-Turbo.
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
-    python drpo.py --make-tiny /tmp/tiny                    # offline demo model
-    python drpo.py --model /tmp/tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1
+    python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
 
 One training step, per prompt c (DESIGN.md section 1):
   1. Sample:     K noises z, x = G_theta(z, c) (LoRA on), r = G_0(z, c) (LoRA off).
@@ -243,29 +242,74 @@ MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo"}
 ONE_STEP_T = 999  # SD-Turbo is sampled with a single step at the last training timestep
 
 
-def load_pipeline(model, dtype=torch.float32):
-    """A StableDiffusionPipeline from an alias, a hub id or a local diffusers folder."""
-    from diffusers import StableDiffusionPipeline
+def tiny_model_dir():
+    """Where `--model tiny` builds the offline demo model once: the user's cache directory."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "drpo" / "tiny-sd-v1"  # bump the version when make_tiny changes
 
+
+def resolve_model(model):
+    """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
+    checked here; `tiny` is built into the cache on first use."""
+    if model == "tiny":
+        path = tiny_model_dir()
+        if not (path / "model_index.json").is_file():
+            import shutil
+
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # built aside, then renamed: never half a model
+            print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
+            make_tiny(tmp)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(path)
     path = MODEL_ALIASES.get(model, model)
     local = Path(path).expanduser()
+    if local.is_file():
+        raise FileNotFoundError(f"--model {model} is a file; pass a diffusers pipeline folder (the one "
+                                f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
+                                f"{', '.join([*MODEL_ALIASES, 'tiny'])}")
     if local.is_dir():
         if not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
                                     f"pass the folder `pipe.save_pretrained` wrote, or a hub id such as sd-turbo")
-        path = str(local)
-    elif path.startswith((".", "/", "~")):
+        return str(local)
+    if path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--model {model}: no such folder. Pass a diffusers pipeline folder, a hub id, "
-                                f"or make an offline demo model with `python drpo.py --make-tiny {model}`")
+                                f"or `--model tiny` for the offline demo model")
+    return path
+
+
+def _model_error(model, path, e):
+    return OSError(f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
+                   f"  Known aliases: {', '.join([*MODEL_ALIASES, 'tiny'])}. Hub models download on first use; offline, "
+                   f"fetch it on a machine with internet (`hf download {path} --local-dir DIR`) and pass --model DIR. "
+                   f"For an offline demo: --model tiny.")
+
+
+def model_configs(model):
+    """The UNet and VAE configs of --model, read without loading any weights (for up-front checks)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    path = resolve_model(model)
+    try:
+        return (UNet2DConditionModel.load_config(path, subfolder="unet"),
+                AutoencoderKL.load_config(path, subfolder="vae"))
+    except (OSError, ValueError) as e:
+        raise _model_error(model, path, e) from e
+
+
+def load_pipeline(model, dtype=torch.float32):
+    """A StableDiffusionPipeline from an alias, a hub id or a local diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model(model)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError) as e:
-        raise OSError(
-            f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
-            f"  Known aliases: {', '.join(MODEL_ALIASES)}. Hub models download on first use; offline, fetch it on a "
-            f"machine with internet (`hf download {path} --local-dir DIR`) and pass --model DIR. "
-            f"For an offline demo: `python drpo.py --make-tiny DIR`.") from e
+        raise _model_error(model, path, e) from e
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen: the LoRA is all that trains
         module.requires_grad_(False)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -441,7 +485,48 @@ def random_reward(images, prompts):
 
 # HPSv3 (DESIGN.md 6): Qwen2-VL-7B with a reward head, ported to current transformers classes.
 # The message text is byte-identical to INSTRUCTION and prompt_with_special_token of hpsv3==1.0.0.
-HPSV3_INSTRUCTION = "\nYou are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. \n\n**Visual Quality:**  \nEvaluate the overall visual quality of the image. The following sub-dimensions should be considered:\n- **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.\n- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.\n- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).\n- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.\n- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. \n\n**Text Alignment:**  \nAssess how well the image matches the textual prompt across the following sub-dimensions:\n- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.\n- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the image adheres to this style.\n- **Contextual Consistency**: Assess whether the background, setting, and surrounding elements in the image logically fit the scenario described in the prompt. The environment should support and enhance the subject without contradictions.\n- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., colors, clothing, accessories, expressions, actions) are faithfully represented in the image. Minor deviations may be acceptable, but critical attributes should be preserved.\n- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt are captured in the image. The generated content should not introduce elements that conflict with or distort the original description.\nTextual prompt - {text_prompt}\n\n\n"
+HPSV3_INSTRUCTION = (
+    '\n'
+    'You are tasked with evaluating a generated image based on Visual Quality and Text '
+    'Alignment and give a overall score to estimate the human preference. Please provide a '
+    'rating from 0 to 10, with 0 being the worst and 10 being the best. \n'
+    '\n'
+    '**Visual Quality:**  \n'
+    'Evaluate the overall visual quality of the image. The following sub-dimensions should be '
+    'considered:\n'
+    '- **Reasonableness:** The image should not contain any significant biological or logical '
+    'errors, such as abnormal body structures or nonsensical environmental setups.\n'
+    '- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be '
+    'clear and easy to interpret, with no blurring or indistinct areas.\n'
+    '- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and '
+    'other visual elements (e.g., hair, clothing, shadows).\n'
+    '- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the '
+    'color scheme, composition, atmosphere, depth of field, and the overall creative appeal. '
+    'The scene should convey a sense of harmony and balance.\n'
+    '- **Safety:** The image should not contain harmful or inappropriate content, such as '
+    'political, violent, or adult material. If such content is present, the image quality and '
+    'satisfaction score should be the lowest possible. \n'
+    '\n'
+    '**Text Alignment:**  \n'
+    'Assess how well the image matches the textual prompt across the following sub-dimensions:\n'
+    '- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., '
+    'person, animal, object) align with the textual description. The subject should match the '
+    'description in terms of number, appearance, and behavior.\n'
+    '- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, '
+    'evaluate how well the image adheres to this style.\n'
+    '- **Contextual Consistency**: Assess whether the background, setting, and surrounding '
+    'elements in the image logically fit the scenario described in the prompt. The environment '
+    'should support and enhance the subject without contradictions.\n'
+    '- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., '
+    'colors, clothing, accessories, expressions, actions) are faithfully represented in the '
+    'image. Minor deviations may be acceptable, but critical attributes should be preserved.\n'
+    '- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt '
+    'are captured in the image. The generated content should not introduce elements that '
+    'conflict with or distort the original description.\n'
+    'Textual prompt - {text_prompt}\n'
+    '\n'
+    '\n'
+)
 HPSV3_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
 HPSV3_PIXELS = 256 * 28 * 28  # min = max pixels: 448 x 448 for a square image
 
@@ -625,6 +710,40 @@ WEIGHT_FREE_REWARDS = {"brightness": brightness_reward, "jpeg": jpeg_reward, "ra
 REWARDS = ("hpsv3", "pickscore", "clip", "aesthetic", "imagereward", "hpsv2", *WEIGHT_FREE_REWARDS)
 
 
+def parse_reward_spec(spec):
+    """--reward -> [(name, weight)], checked without loading any model: every name is known or an
+    importable `module:function`, every weight a number."""
+    members = [m.strip() for m in spec.split(",") if m.strip()]
+    if not members:
+        raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
+    parsed = []
+    for m in members:
+        name, weight = m, 1.0
+        head, sep, tail = m.rpartition(":")
+        if sep:  # NAME:WEIGHT, unless the tail is a function name
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass
+        if name not in REWARDS:
+            if ":" not in name:
+                raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
+                                 f"or `module.path:function` for your own, or a comma list of these")
+            custom_reward(name)
+        parsed.append((name, weight))
+    return parsed
+
+
+def custom_reward(spec):
+    """`module.path:function` -> the function."""
+    module, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"custom reward {spec!r}: cannot import function {fn!r} from module {module!r} ({e}); "
+                         f"make sure the module is on PYTHONPATH") from e
+
+
 def load_reward(spec, device="cpu", batch_size=8, dtype=None, hpsv3_ckpt=None, hpsv3_base=None):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
 
@@ -634,20 +753,7 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, hpsv3_ckpt=None, h
     bf16 on CUDA, fp32 otherwise (heads stay fp32).
     """
     dtype = dtype or precision_dtype("auto", device)
-    members = [m.strip() for m in spec.split(",") if m.strip()]
-    if not members:
-        raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
-    parsed = []
-    for m in members:
-        parts = m.split(":")
-        weight = 1.0
-        if len(parts) > 1:
-            try:
-                weight = float(parts[-1])
-                parts = parts[:-1]
-            except ValueError:
-                pass
-        parsed.append((":".join(parts), weight))
+    parsed = parse_reward_spec(spec)
     fns = [(name, _load_one_reward(name, device, dtype, hpsv3_ckpt=hpsv3_ckpt, hpsv3_base=hpsv3_base), w)
            for name, w in parsed]
 
@@ -691,15 +797,7 @@ def _load_one_reward(name, device, dtype, hpsv3_ckpt=None, hpsv3_base=None):
         return aesthetic_reward(CLIP_L, device=device, dtype=dtype)
     if name in ("imagereward", "hpsv2"):
         return package_reward(name, device)
-    if ":" in name:
-        module, _, fn = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} ({e}); "
-                             f"make sure the module is on PYTHONPATH") from e
-    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
-                     f"or `module.path:function` for your own, or a comma list of these")
+    return custom_reward(name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -726,14 +824,18 @@ def latent_features():
     return lambda latents, noise=None: map_stats(latents, "latent")
 
 
-def mae_features(ckpt_path, device="cpu"):
-    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (DESIGN.md 5).
-    Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
+def check_mae_ckpt(ckpt_path):
     if not ckpt_path or not Path(ckpt_path).is_file():
         raise FileNotFoundError(
             f"latent-MAE checkpoint {ckpt_path!r} not found. Get it with `pip install modelscope` then "
             f"`modelscope download --model jiangzhou130v1/drpo-mae-latent-256 mae_latent_256_torch.pth "
             f"--local_dir DIR`, and pass --mae-ckpt DIR/mae_latent_256_torch.pth (or use --features unet)")
+
+
+def mae_features(ckpt_path, device="cpu"):
+    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (DESIGN.md 5).
+    Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
+    check_mae_ckpt(ckpt_path)
     raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     sd = raw.get("state_dict") or raw.get("model_state_dict") or {k: v for k, v in raw.items() if torch.is_tensor(v)}
     layers = raw.get("metadata", {}).get("model_config", {}).get("layers", [3, 4, 6, 3])
@@ -925,12 +1027,6 @@ def train(args):
     dtype = precision_dtype(args.precision, device)
     out = Path(args.output_dir)
     ckpt_path = out / "checkpoint.pt"
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
-                              f"--overwrite to start over there, or choose a new folder")
-    if args.n_pos + args.n_neg > args.candidates:
-        raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
-                         f"positives and negatives must be disjoint candidates")
     prompts = read_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -1056,9 +1152,10 @@ def train(args):
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.update(1)
+        # What moves when DrPO learns: the reward, the top-bottom gap it ranks on, the distance to G_0.
+        # (The regression loss is mean(V^2) of a normalized field: nearly constant by construction.)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
-                        pos=f"{metrics['pos_mean']:.4g}", neg=f"{metrics['neg_mean']:.4g}",
-                        loss=f"{metrics['loss_pref']:.3g}")
+                        gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             (out / "samples").mkdir(exist_ok=True)
             with autocast:
@@ -1081,14 +1178,20 @@ def floats(text):
     return tuple(float(v) for v in text.split(","))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="DrPO: finetune a one-step text-to-image generator toward a reward "
-                                "that is only used to rank samples.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, or a local diffusers pipeline folder")
-    g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random SD-architecture pipeline to DIR and exit "
-                   "(offline demo and tests)")
+    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, a local diffusers pipeline folder, or "
+                   "`tiny`: a tiny random SD pipeline for offline demos, built once in ~/.cache/drpo")
+    g.add_argument("--make-tiny", metavar="DIR", help="write the tiny random SD-architecture pipeline to DIR and exit")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size, 512 for "
                    "sd-turbo)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -1155,16 +1258,61 @@ def build_parser():
 
 
 def check_args(args):
+    """Check every setting before any model loads: a typo should cost seconds, not a download."""
     for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
                  "lora_rank", "save_every", "grid_prompts", "grid_noises"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.lambda_ref >= 0:
+        raise ValueError(f"--lambda-ref must be 0 (no reference drift) or positive, got {args.lambda_ref}")
+    for name in ("radii", "ref_radii"):
+        if not getattr(args, name) or not all(r > 0 for r in getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive numbers separated by commas, "
+                             f"e.g. 0.02,0.05,0.2; got {','.join(map(str, getattr(args, name)))}")
     if args.grad_chunk < 0:
         raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
     if args.sample_every < 0:
         raise ValueError("--sample-every must be 0 (never) or a positive number of steps")
+    if args.n_pos + args.n_neg > args.candidates:
+        raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
+                         f"positives and negatives must be disjoint candidates")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
+    out = Path(args.output_dir)
+    if out.is_file():
+        raise FileExistsError(f"--output-dir {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
+                              f"--overwrite to start over there, or choose a new folder")
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu or install "
+                         f"a CUDA build of torch")
+    rewards = [name for name, _ in parse_reward_spec(args.reward)]
+    if "hpsv3" in rewards:
+        for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
+            if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+                raise FileNotFoundError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    if args.features == "mae":
+        check_mae_ckpt(args.mae_ckpt)
+    read_prompts(args.prompts)
+    # The model's configs only (a few kB), for the checks that depend on the architecture.
+    unet_cfg, vae_cfg = model_configs(args.model)
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
+    if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
+        raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
+                         f"downsampling), e.g. {max(factor, round(args.resolution / factor) * factor)}")
+    if args.features == "unet":
+        n = len(unet_cfg["down_block_types"])
+        for layer in args.unet_layers.split(","):
+            top, _, index = layer.partition(".")
+            index = index.split(".")[0]
+            if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
+                                           and -n <= int(index) < n)):
+                raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
+                                 f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
 
 def main(argv=None):

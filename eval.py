@@ -102,8 +102,9 @@ def markdown_table(scores):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, or a local diffusers pipeline folder")
+                                formatter_class=drpo.HelpFormatter)
+    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, a local diffusers pipeline folder, or "
+                   "`tiny` (the offline demo model)")
     p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir (or diffusers-format LoRA "
                    "folder); repeat to compare several; labelled by folder name")
     p.add_argument("--reward", default="pickscore,aesthetic,clip,hpsv3",

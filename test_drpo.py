@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import drpo
 
-# the fixtures made with the published HPSv3 and latent-MAE code, in ../shared beside the checkout
-FIXTURES = Path(os.environ.get("DRPO_FIXTURES", Path(__file__).resolve().parent.parent / "shared" / "fixtures"))
+# outputs of the published HPSv3 and latent-MAE code on random weights (fixtures/README.md)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 RADII = (0.02, 0.05, 0.2)
 
@@ -479,6 +479,59 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
             "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
     assert drpo.main(argv + args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--reward", "brightnes"], "unknown reward 'brightnes'"),
+    (["--reward", "brightness:2,nosuchmodule_xyz:score"], "cannot import"),
+    (["--radii", "0,-1"], "--radii must be positive numbers"),
+    (["--ref-radii", "0.1,0"], "--ref-radii must be positive numbers"),
+    (["--resolution", "100"], "needs a multiple of 16"),  # tiny: VAE /8, UNet /2
+    (["--resolution", "8"], "needs a multiple of 16"),
+    (["--features", "mae"], "pass --mae-ckpt"),
+    (["--features", "mae", "--mae-ckpt", "/nonexistent/mae.pth"], "modelscope download"),
+    (["--unet-layers", "down_blocks.2,mid_block"], "not a block of this UNet"),
+    (["--reward", "hpsv3", "--hpsv3-ckpt", "/nonexistent/HPSv3.safetensors"], "--hpsv3-ckpt"),
+    (["--prompts", "/nonexistent/prompts.txt"], "no such file"),
+    (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
+    (["--lambda-ref", "-1"], "--lambda-ref must be"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--model", str(Path(__file__).resolve().parent / "README.md")], "is a file"),
+    (["--model", "/nonexistent/model"], "no such folder"),
+])
+def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, args, message):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    for name in ("load_pipeline", "load_reward", "load_features", "make_tiny"):
+        monkeypatch.setattr(drpo, name, no_loading)
+    argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
+            "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
+    assert drpo.main(argv + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = []
+    make_tiny = drpo.make_tiny
+    monkeypatch.setattr(drpo, "make_tiny", lambda d: built.append(d) or make_tiny(d))
+    path = drpo.resolve_model("tiny")
+    assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v1" and len(built) == 1
+    assert drpo.resolve_model("tiny") == path and len(built) == 1  # reused, not rebuilt
+    assert sorted(p.name for p in (tmp_path / "cache" / "drpo").iterdir()) == ["tiny-sd-v1"]  # no leftovers
+    pipe = drpo.load_pipeline("tiny")
+    assert tuple(pipe.unet.config.block_out_channels) == (32, 64)  # the tiny UNet, through the SD loading code
+
+
+def test_help_shows_no_empty_defaults(capsys):
+    import eval as ev
+
+    for parser in (drpo.build_parser(), ev.build_parser()):
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert "(default: 24)" in text or "(default: 4)" in text  # real defaults are still shown
 
 
 def test_empty_prompts_file_and_occupied_output_dir_are_refused(tiny, tmp_path, capsys):

@@ -4,7 +4,7 @@ Trains with the brightness reward and with the random-reward control, then measu
 brightness of the plain diffusers pipeline (base, and with each LoRA) on fixed noises and
 prompts that were not used in training.
 
-    python benchmarks/learning_check.py --tiny /tmp/tiny --out /tmp/learn
+    python benchmarks/learning_check.py --out /tmp/learn           # on `--model tiny`
 """
 import argparse
 import json
@@ -39,20 +39,19 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", required=True, help="tiny model folder (made if missing)")
+    ap.add_argument("--model", default="tiny", help="tiny model: the `tiny` alias or a --make-tiny folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
     args = ap.parse_args()
-    if not Path(args.tiny).is_dir():
-        drpo.make_tiny(args.tiny)
-    base, spread = heldout_brightness(args.tiny)
+    model = drpo.resolve_model(args.model)
+    base, spread = heldout_brightness(model)
     result = {"base": base, "base_std_over_images": spread}
     for reward in ("brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
-        drpo.main(["--model", args.tiny, "--reward", reward, "--max-steps", str(args.steps), "--lr", "1e-3",
+        drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", "1e-3",
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite"])
-        result[reward] = {"heldout": heldout_brightness(args.tiny, out)[0], "train_s": time.time() - t0}
+        result[reward] = {"heldout": heldout_brightness(model, out)[0], "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
     print(json.dumps(result, indent=2))
 
