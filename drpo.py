@@ -1012,6 +1012,22 @@ def stopwatch(device):
     return times, lap
 
 
+def feature_sets(fx, fr, pos_idx, neg_idx):
+    """The four feature sets of one micro-step, {key: (B, set size, D)} each: gen (all K samples
+    of a prompt), pos / neg (its own top / bottom candidates), ref (the base samples on the same
+    noises). fx, fr: {key: (B*K, T, D)} features of the samples and of the base samples, prompt
+    by prompt; pos_idx, neg_idx: (B, n) candidate indices from select_pos_neg. A set pools the
+    tokens of its candidates."""
+    B = pos_idx.shape[0]
+    rows = torch.arange(B, device=pos_idx.device)[:, None]
+    gen, pos, neg, ref = {}, {}, {}, {}
+    for key, f in fx.items():
+        f = f.view(B, -1, *f.shape[1:])  # (B, K, T, D)
+        gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
+    return gen, pos, neg, ref
+
+
 @torch.no_grad()
 def sample_images(pipe, prompts, noises, alpha_bar):
     """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
@@ -1109,13 +1125,7 @@ def train(args):
 
             # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
             with torch.no_grad(), autocast:
-                fx, fr = phi(x, feat_noise), phi(r, feat_noise)
-            gen, ref, pos, neg = {}, {}, {}, {}
-            for key, f in fx.items():
-                f = f.view(B, K, *f.shape[1:])
-                gen[key], ref[key] = f.flatten(1, 2), fr[key].view(B, -1, f.shape[-1])
-                pos[key] = torch.stack([f[b, pos_idx[b]] for b in range(B)]).flatten(1, 2)
-                neg[key] = torch.stack([f[b, neg_idx[b]] for b in range(B)]).flatten(1, 2)
+                gen, pos, neg, ref = feature_sets(phi(x, feat_noise), phi(r, feat_noise), pos_idx, neg_idx)
             lap("features")
 
             # 4. Field: preference dipole and reference drift on the detached features -> targets.

@@ -415,6 +415,104 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, t
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
 
+def test_feature_sets_take_each_prompts_own_ranked_candidates():
+    B, K, T, D = 2, 5, 3, 4
+    fx = {"a": torch.randn(B * K, T, D), "b": torch.randn(B * K, 1, 2)}
+    fr = {k: torch.randn_like(v) for k, v in fx.items()}
+    pos_idx, neg_idx = torch.tensor([[4, 0], [1, 3]]), torch.tensor([[2], [0]])
+    gen, pos, neg, ref = drpo.feature_sets(fx, fr, pos_idx, neg_idx)
+    for k, f in fx.items():
+        per_prompt = f.view(B, K, *f.shape[1:])
+        for b in range(B):
+            torch.testing.assert_close(gen[k][b], per_prompt[b].flatten(0, 1), rtol=0, atol=0)
+            torch.testing.assert_close(ref[k][b], fr[k].view(B, K, *f.shape[1:])[b].flatten(0, 1), rtol=0, atol=0)
+            torch.testing.assert_close(pos[k][b], torch.cat([per_prompt[b, i] for i in pos_idx[b]]), rtol=0, atol=0)
+            torch.testing.assert_close(neg[k][b], torch.cat([per_prompt[b, i] for i in neg_idx[b]]), rtol=0, atol=0)
+
+
+def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(tiny, tmp_path):
+    """Pins what the loop feeds the field. A LoRA made non-zero by two updates is updated once more
+    by the loop, and once here from scratch: candidates and base samples from the stock diffusers
+    pipeline (LoRA loaded / not loaded) on the noises of the documented draw order, brightness
+    ranked per prompt by numpy, features of exactly those candidates with one noise draw, the
+    objective with the weights given on the command line; then the same clipped AdamW step."""
+    import numpy as np
+    from diffusers import AutoPipelineForText2Image
+
+    prompts = ["a red fox", "a blue boat on a lake", "snow at night", "a bowl of fruit", "a castle"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    B, K, n_pos, n_neg, lr = 2, 6, 2, 3, 1e-2
+    w = dict(pos_weight=2000.0, neg_weight=1500.0, ref_weight=2500.0, ref_neg_weight=1000.0, lambda_ref=0.7,
+             radii=(0.03, 0.1), ref_radii=(0.05, 0.3))
+    flags = ["--prompts", str(tmp_path / "p.txt"), "--prompts-per-step", str(B), "--candidates", str(K),
+             "--n-pos", str(n_pos), "--n-neg", str(n_neg), "--grad-accum", "1", "--lr", str(lr), "--seed", "3",
+             "--sample-every", "0", "--save-every", "2", "--pos-weight", "2000", "--neg-weight", "1500",
+             "--ref-weight", "2500", "--ref-neg-weight", "1000", "--lambda-ref", "0.7", "--radii", "0.03,0.1",
+             "--ref-radii", "0.05,0.3"]
+    common = ["--model", tiny, "--reward", "brightness", *flags]
+    assert drpo.main(common + ["--output-dir", str(tmp_path / "warm"), "--max-steps", "2"]) == 0
+    shutil.copytree(tmp_path / "warm", tmp_path / "next")
+    assert drpo.main(common + ["--output-dir", str(tmp_path / "next"), "--max-steps", "3", "--resume"]) == 0
+    loop_grad_norm = json.loads((tmp_path / "next" / "metrics.jsonl").read_text().splitlines()[-1])["grad_norm"]
+
+    # the micro-step's prompts and noises: prompt order, then noises, then feature noises, from the checkpoint
+    ckpt = torch.load(tmp_path / "warm" / "checkpoint.pt", weights_only=False)
+    rng = torch.Generator()
+    rng.set_state(ckpt["rng"])
+    order = list(ckpt["order"])
+    while len(order) < B:
+        order += torch.randperm(len(prompts), generator=rng).tolist()
+    batch = [prompts[i] for i in order[:B]]
+    z = torch.randn((B * K, 4, 16, 16), generator=rng)
+    feat_noise = torch.randn((B * K, 4, 16, 16), generator=rng)
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny)
+    pipe.set_progress_bar_config(disable=True)
+    one = dict(num_inference_steps=1, guidance_scale=0.0)
+    per_prompt = [slice(b * K, (b + 1) * K) for b in range(B)]
+    with torch.no_grad():
+        r = torch.cat([pipe([p] * K, latents=z[s], output_type="latent", **one).images for p, s in zip(batch, per_prompt)])
+    pipe.load_lora_weights(tmp_path / "warm")  # the non-zero LoRA of step 2
+    assert any(v.abs().max() > 0 for k, v in pipe.unet.state_dict().items() if "lora_B" in k)
+    with torch.no_grad():
+        x = torch.cat([pipe([p] * K, latents=z[s], output_type="latent", **one).images for p, s in zip(batch, per_prompt)])
+        images = [im for p, s in zip(batch, per_prompt) for im in pipe([p] * K, latents=z[s], **one).images]
+    assert (x - r).abs().max() > 1e-2  # the reference really is another generator now
+    bright = np.array([np.asarray(im, dtype=np.float64).mean() / 255 for im in images]).reshape(B, K)
+    ranked = np.argsort(-bright, axis=1, kind="stable")
+    pos_idx, neg_idx = ranked[:, :n_pos], ranked[:, K - n_neg:]
+
+    phi = drpo.load_features("unet", pipe=pipe)  # the teacher UNet with the LoRA off
+    with torch.no_grad():
+        fx, fr = phi(x, feat_noise), phi(r, feat_noise)
+    sets = lambda f, idx: torch.stack([f.view(B, K, *f.shape[1:])[b, idx[b]].flatten(0, 1) for b in range(B)])
+    pos = {k: sets(f, pos_idx) for k, f in fx.items()}
+    neg = {k: sets(f, neg_idx) for k, f in fx.items()}
+    ref = {k: f.reshape(B, -1, f.shape[-1]) for k, f in fr.items()}
+    lora = [(n, p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    for _, p in lora:
+        p.requires_grad_(True)
+    emb = torch.cat([pipe.encode_prompt([p] * K, "cpu", 1, False)[0] for p in batch])
+    x_grad = drpo.one_step(pipe.unet, z, emb, pipe.scheduler.alphas_cumprod[999])
+    torch.testing.assert_close(x_grad.detach(), x, rtol=0, atol=1e-4)
+    gen = {k: v.reshape(B, -1, v.shape[-1]) for k, v in phi(x_grad, feat_noise).items()}
+    loss, _ = drpo.drpo_objective(gen, pos, neg, ref, kernel="laplacian", **w)
+    loss.backward()
+    grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for _, p in lora)).item()
+    assert grad_norm == pytest.approx(loop_grad_norm, rel=1e-4)
+
+    # the same AdamW step from the checkpoint's optimizer state, compared with the loop's LoRA
+    opt = torch.optim.AdamW([p for _, p in lora], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.nn.utils.clip_grad_norm_([p for _, p in lora], 1.0)
+    before = {n: p.detach().clone() for n, p in lora}
+    opt.step()
+    stepped = pipeline(tiny, tmp_path / "next").unet.state_dict()
+    for n, p in lora:
+        torch.testing.assert_close(p.detach(), stepped[n], rtol=0, atol=2e-6)
+    assert max((stepped[n] - before[n]).abs().max().item() for n, _ in lora) > 1e-3  # the step is far above 2e-6
+
+
 STOP_AT = {"calls": 0, "limit": None}
 
 
