@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------
@@ -997,6 +998,77 @@ def image_grid(images, cols):
     return grid
 
 
+def init_distributed():
+    """(rank, world size, local rank). Under torchrun (WORLD_SIZE > 1) this process joins the job:
+    NCCL on GPUs, gloo on CPU processes (DESIGN.md 9). A plain `python drpo.py` is a job of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def reward_device_of(spec, device, local_rank):
+    """--reward-device: None = the training device; `cuda:+N` = N GPUs after this process's own
+    (rank-relative under torchrun); anything else as given."""
+    if spec is None:
+        return device
+    if spec.startswith("cuda:+"):
+        return torch.device("cuda", local_rank + int(spec[len("cuda:+"):]))
+    return torch.device(spec)
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the job failed and reported it; this one stops quietly."""
+
+
+@contextlib.contextmanager
+def all_or_none(world):
+    """Run a block on every process; if any raises, all raise when the block ends (one small
+    all-reduce), so no process is left waiting in a collective. The lowest failing rank raises
+    its own error, the others PeerFailed: the message is shown once."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        failed = torch.zeros(world, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        failed[dist.get_rank()] = error is not None
+        dist.all_reduce(failed)
+        if failed.any():
+            first = int(failed.nonzero()[0])
+            if dist.get_rank() == first:
+                raise error
+            raise PeerFailed(f"process {first} failed")
+
+
+def all_reduce_update(params, log):
+    """Sum the LoRA gradients over the processes (one all-reduce: the LoRA is all that trains, so
+    this is all DDP would do) and pool their logs, so every process holds the whole update."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+    device = flat.device
+    for key in ("scores", "pos", "neg"):  # every process ran the same number of micro-steps
+        mine = torch.cat(log[key]).to(device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        log[key] = [t.cpu() for t in parts]
+    stat_keys = [k for k, v in log.items() if isinstance(v, float)]
+    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    log.update(zip(stat_keys, stats.tolist()))
+
+
 def stopwatch(device):
     """lap(name) adds the seconds since the previous lap to times[name]. CUDA is synchronized
     first, so each phase is charged for its own kernels."""
@@ -1039,7 +1111,12 @@ def sample_images(pipe, prompts, noises, alpha_bar):
 def train(args):
     from tqdm import tqdm
 
+    # One process, or one of `world` under torchrun (DESIGN.md 9): each process runs every
+    # world-th micro-step, then one all-reduce sums the LoRA gradients; rank 0 writes all outputs.
+    rank, world, local_rank = init_distributed()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     dtype = precision_dtype(args.precision, device)
     out = Path(args.output_dir)
     ckpt_path = out / "checkpoint.pt"
@@ -1047,18 +1124,19 @@ def train(args):
     out.mkdir(parents=True, exist_ok=True)
 
     # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
-    pipe = load_pipeline(args.model, dtype).to(device)
-    unet, vae = pipe.unet, pipe.vae
-    torch.manual_seed(args.seed)  # the LoRA's random A matrices
-    params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    reward_device = args.reward_device or device
-    reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
-                            precision_dtype(args.reward_precision, reward_device),
-                            hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
-    phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt, unet_layers=args.unet_layers.split(","),
-                        dinov2=args.dinov2, device=device)
+    with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
+        pipe = load_pipeline(args.model, dtype).to(device)
+        unet, vae = pipe.unet, pipe.vae
+        torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
+        params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        reward_device = reward_device_of(args.reward_device, device, local_rank)
+        reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
+                                precision_dtype(args.reward_precision, reward_device),
+                                hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
+        phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt,
+                            unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
     shape = latent_shape(pipe, args.resolution)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -1068,6 +1146,7 @@ def train(args):
                         ref_radii=args.ref_radii, kernel=args.kernel)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
+    n_micro = args.grad_accum * world  # micro-steps per update, over all processes
 
     # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
     rng = torch.Generator().manual_seed(args.seed)
@@ -1084,75 +1163,84 @@ def train(args):
         step, order = ckpt["step"], ckpt["order"]
         # drop metric lines written after the checkpoint, so the log matches an uninterrupted run
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(
-            "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
-    else:  # a fresh run: nothing of an earlier one may be resumed or appended to
+        if rank == 0:
+            atomic_write(out / "metrics.jsonl", lambda p: p.write_text(
+                "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
+    elif rank == 0:  # a fresh run: nothing of an earlier one may be resumed or appended to
         if args.resume:
             print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
         for stale in (ckpt_path, out / "metrics.jsonl"):
             stale.unlink(missing_ok=True)
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+    if rank == 0:
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
 
-    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True)
+    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
     while step < args.max_steps:
         times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
         log = {"scores": [], "pos": [], "neg": [], "loss_pref": 0.0, "loss_ref": 0.0, "field_rms": 0.0,
                "dist_pos": 0.0, "dist_neg": 0.0, "dist_ref": 0.0}
-        for _ in range(args.grad_accum):
-            while len(order) < B:  # walk through the prompts in a fresh random order each epoch
-                order += torch.randperm(len(prompts), generator=rng).tolist()
-            batch, order = [prompts[i] for i in order[:B]], order[B:]
-            z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
-            feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
-            emb = encode_prompts(pipe, batch).repeat_interleave(K, 0)
+        with all_or_none(world):  # an error in one process (NaN scores, ...) stops all, none left waiting
+            for micro in range(n_micro):
+                while len(order) < B:  # walk through the prompts in a fresh random order each epoch
+                    order += torch.randperm(len(prompts), generator=rng).tolist()
+                batch, order = [prompts[i] for i in order[:B]], order[B:]
+                z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
+                    continue
+                emb = encode_prompts(pipe, batch).repeat_interleave(K, 0)
 
-            # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
-            with torch.no_grad(), autocast:
-                x = one_step(unet, z, emb, alpha_bar)
-                lap("sample")
-                with lora_off(unet):
-                    r = one_step(unet, z, emb, alpha_bar)
-            lap("reference")
+                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
+                with torch.no_grad(), autocast:
+                    x = one_step(unet, z, emb, alpha_bar)
+                    lap("sample")
+                    with lora_off(unet):
+                        r = one_step(unet, z, emb, alpha_bar)
+                lap("reference")
 
-            # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
-            with torch.no_grad(), autocast:
-                images = [im for i in range(0, B * K, args.reward_batch)
-                          for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
-            lap("decode")
-            scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
-            pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
-            lap("reward")
+                # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
+                with torch.no_grad(), autocast:
+                    images = [im for i in range(0, B * K, args.reward_batch)
+                              for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
+                lap("decode")
+                scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
+                pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+                lap("reward")
 
-            # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
-            with torch.no_grad(), autocast:
-                gen, pos, neg, ref = feature_sets(phi(x, feat_noise), phi(r, feat_noise), pos_idx, neg_idx)
-            lap("features")
+                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
+                with torch.no_grad(), autocast:
+                    gen, pos, neg, ref = feature_sets(phi(x, feat_noise), phi(r, feat_noise), pos_idx, neg_idx)
+                lap("features")
 
-            # 4. Field: preference dipole and reference drift on the detached features -> targets.
-            targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
-            lap("field")
+                # 4. Field: preference dipole and reference drift on the detached features -> targets.
+                targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
+                lap("field")
 
-            # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
-            zs, ns, es = (t.view(B, K, *t.shape[1:]) for t in (z, feat_noise, emb))
-            for c0 in range(0, K, C):
-                zc, nc, ec = (t[:, c0:c0 + C].flatten(0, 1) for t in (zs, ns, es))
-                with autocast:
-                    fc = phi(one_step(unet, zc, ec, alpha_bar), nc)
-                fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
-                (regression_loss(fc, targets, start=c0, n_total=K) / args.grad_accum).backward()
-            lap("backward")  # the regression pass: generator and features recomputed, then backward
+                # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
+                zs, ns, es = (t.view(B, K, *t.shape[1:]) for t in (z, feat_noise, emb))
+                for c0 in range(0, K, C):
+                    zc, nc, ec = (t[:, c0:c0 + C].flatten(0, 1) for t in (zs, ns, es))
+                    with autocast:
+                        fc = phi(one_step(unet, zc, ec, alpha_bar), nc)
+                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
+                    (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
+                lap("backward")  # the regression pass: generator and features recomputed, then backward
 
-            log["scores"].append(scores.flatten())
-            log["pos"].append(scores.gather(1, pos_idx).flatten())
-            log["neg"].append(scores.gather(1, neg_idx).flatten())
-            for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"):
-                log[k] += stats[k] / args.grad_accum
+                log["scores"].append(scores.flatten())
+                log["pos"].append(scores.gather(1, pos_idx).flatten())
+                log["neg"].append(scores.gather(1, neg_idx).flatten())
+                for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"):
+                    log[k] += stats[k] / n_micro
 
+        if world > 1:
+            all_reduce_update(params, log)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lap("optimizer")
         step += 1
+        if rank != 0:  # one writer: rank 0 logs, samples and saves
+            continue
 
         scores = torch.cat(log.pop("scores"))
         metrics = {"step": step, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
@@ -1230,7 +1318,8 @@ def build_parser():
                    "hpsv2, brightness, jpeg, random), `module:function`, or a weighted comma list like "
                    "`hpsv3:1,pickscore:0.5` (see README)")
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
-    g.add_argument("--reward-device", help="device of the reward model (default: the training device)")
+    g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N` = "
+                   "the GPU N after this process's own, e.g. under torchrun with 4 training GPUs, cuda:+4")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (default: download MizzenAI/HPSv3)")
@@ -1300,6 +1389,11 @@ def check_args(args):
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu or install "
                          f"a CUDA build of torch")
+    if args.reward_device:
+        try:
+            reward_device_of(args.reward_device, torch.device("cpu"), 0)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
     rewards = [name for name, _ in parse_reward_spec(args.reward)]
     if "hpsv3" in rewards:
         for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
@@ -1327,21 +1421,30 @@ def check_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.make_tiny:
+        make_tiny(args.make_tiny)
+        print(f"wrote a tiny SD pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
+        return 0
+    rank, world, _ = init_distributed()
     try:
-        if args.make_tiny:
-            make_tiny(args.make_tiny)
-            print(f"wrote a tiny SD pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
-            return 0
-        check_args(args)
+        with all_or_none(world):  # every process checks; the first to fail speaks for all
+            check_args(args)
         out = train(args)
+    except PeerFailed:
+        return 2
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last checkpoint in {args.output_dir} is intact: continue with --resume",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted; the last checkpoint in {args.output_dir} is intact: continue with --resume",
+                  file=sys.stderr)
         return 130
-    print(f"done: LoRA in {out / 'pytorch_lora_weights.safetensors'}")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: LoRA in {out / 'pytorch_lora_weights.safetensors'}")
     return 0
 
 

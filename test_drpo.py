@@ -560,6 +560,81 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)  # Adam: lr 1e-3 per step
 
 
+def torchrun(*argv, nproc=2):
+    """`python -m torch.distributed.run --standalone` with gloo processes on this CPU."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(Path(__file__).resolve().parent / "drpo.py"), *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(tiny, tmp_path):
+    common = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--n-pos", "3", "--n-neg", "3",
+              "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "2"]
+    # one process, accumulation 2 = 2 processes x 1; torchrun gives each worker one thread, so this
+    # run gets one too (another thread count changes float round-off, which Adam amplifies)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert drpo.main(common + ["--grad-accum", "2", "--max-steps", "3", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    # two processes: two updates, then a resumed third one (checkpoint at step 2)
+    r = torchrun(*common, "--grad-accum", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: LoRA") == 1  # one writer
+    r = torchrun(*common, "--grad-accum", "1", "--max-steps", "3", "--output-dir", str(tmp_path / "two"), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == [1, 2, 3]  # written once per update, across processes and the resume
+    for a, b in zip(one, two):  # metrics pool the candidates of both processes
+        for key in ("reward_mean", "reward_std", "pos_mean", "neg_mean", "loss_pref", "loss_ref", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    a = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    diff = math.sqrt(sum((a[k] - b[k]).pow(2).sum().item() for k in a))
+    assert diff <= 1e-5 * math.sqrt(sum(v.pow(2).sum().item() for v in a.values()))
+    assert max(v.abs().max().item() for k, v in a.items() if "lora.up" in k) > 1e-3  # the LoRA did train
+
+
+def test_reward_device_is_rank_relative_with_a_plus():
+    cpu = torch.device("cpu")
+    assert drpo.reward_device_of(None, cpu, 3) == cpu
+    assert drpo.reward_device_of("cuda:+4", cpu, 3) == torch.device("cuda", 7)  # 4 GPUs after the process's own
+    assert drpo.reward_device_of("cuda:1", cpu, 3) == torch.device("cuda", 1)  # absolute: shared by all
+
+
+def nan_on_rank_one(images, prompts):
+    """Brightness, but NaN in the second torchrun process only."""
+    if os.environ.get("RANK") == "1":
+        return [float("nan")] * len(images)
+    return drpo.brightness_reward(images, prompts)
+
+
+def test_torchrun_failures_stop_every_process_and_are_reported_once(tiny, tmp_path):
+    common = ["--model", tiny, "--candidates", "8", "--n-pos", "3", "--n-neg", "3", "--grad-accum", "1",
+              "--max-steps", "2", "--sample-every", "0"]
+    # one process fails inside an update: both exit, nobody waits in the gradient all-reduce
+    r = torchrun(*common, "--reward", "test_drpo:nan_on_rank_one", "--output-dir", str(tmp_path / "nan"))
+    assert r.returncode != 0
+    assert r.stderr.count("returned NaN or infinite scores") == 1, r.stderr[-3000:]
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()  # the failed update is not logged
+    # every process fails the same way: still said once
+    r = torchrun(*common, "--reward", "test_drpo:scores_with_nan", "--output-dir", str(tmp_path / "nan2"))
+    assert r.returncode != 0 and r.stderr.count("returned NaN or infinite scores") == 1, r.stderr[-3000:]
+    # a foreign output folder is refused by every process, said once, and left as it was
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    r = torchrun(*common, "--reward", "brightness", "--output-dir", str(tmp_path / "busy"))
+    assert r.returncode != 0 and r.stderr.count("already holds files") == 1, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--model", "."], "not a diffusers pipeline"),
