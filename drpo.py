@@ -4,6 +4,7 @@ A single-file reference implementation of arXiv 2606.02521 for SD-Turbo.
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
+    torchrun --nproc_per_node 4 drpo.py --model sd-turbo --reward hpsv3 --grad-accum 8        # the paper's 4 GPUs
 
 One training step, per prompt c (DESIGN.md section 1):
   1. Sample:     K noises z, x = G_theta(z, c) (LoRA on), r = G_0(z, c) (LoRA off).
