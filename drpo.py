@@ -240,27 +240,30 @@ def select_pos_neg(scores, n_pos, n_neg):
 # 2. Models and one-step sampling (DESIGN.md section 4)
 # ----------------------------------------------------------------------------------------
 
-MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo"}
-ONE_STEP_T = 999  # SD-Turbo is sampled with a single step at the last training timestep
+MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}  # offline demo models, built on first use
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+ONE_STEP_T = 999  # SD-Turbo and SDXL-Turbo are sampled with a single step at the last training timestep
+TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (DESIGN.md 8)
 
 
-def tiny_model_dir():
-    """Where `--model tiny` builds the offline demo model once: the user's cache directory."""
+def tiny_model_dir(arch="sd"):
+    """Where `--model tiny` / `tiny-sdxl` builds the offline demo model once: the user's cache."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "drpo" / "tiny-sd-v1"  # bump the version when make_tiny changes
+    return cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
 
 
 def resolve_model(model):
     """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
     checked here; `tiny` is built into the cache on first use."""
-    if model == "tiny":
-        path = tiny_model_dir()
+    if model in TINY_MODELS:
+        path = tiny_model_dir(TINY_MODELS[model])
         if not (path / "model_index.json").is_file():
             import shutil
 
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # built aside, then renamed: never half a model
             print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
-            make_tiny(tmp)
+            make_tiny(tmp, arch=TINY_MODELS[model])
             try:
                 os.replace(tmp, path)
             except OSError:  # another process got there first
@@ -271,7 +274,7 @@ def resolve_model(model):
     if local.is_file():
         raise FileNotFoundError(f"--model {model} is a file; pass a diffusers pipeline folder (the one "
                                 f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
-                                f"{', '.join([*MODEL_ALIASES, 'tiny'])}")
+                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])}")
     if local.is_dir():
         if not (local / "model_index.json").is_file():
             raise FileNotFoundError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
@@ -285,35 +288,44 @@ def resolve_model(model):
 
 def _model_error(model, path, e):
     return OSError(f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
-                   f"  Known aliases: {', '.join([*MODEL_ALIASES, 'tiny'])}. Hub models download on first use; offline, "
+                   f"  Known aliases: {', '.join([*MODEL_ALIASES, *TINY_MODELS])}. Hub models download on first use; offline, "
                    f"fetch it on a machine with internet (`hf download {path} --local-dir DIR`) and pass --model DIR. "
                    f"For an offline demo: --model tiny.")
 
 
 def model_configs(model):
-    """The UNet and VAE configs of --model, read without loading any weights (for up-front checks)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The pipeline class name (as model_index.json names it, never guessed from the model's name)
+    and the UNet and VAE configs of --model, read without loading any weights."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     path = resolve_model(model)
     try:
-        return (UNet2DConditionModel.load_config(path, subfolder="unet"),
-                AutoencoderKL.load_config(path, subfolder="vae"))
-    except (OSError, ValueError) as e:
+        name = DiffusionPipeline.load_config(path)["_class_name"]
+        configs = (UNet2DConditionModel.load_config(path, subfolder="unet"),
+                   AutoencoderKL.load_config(path, subfolder="vae"))
+    except (OSError, ValueError, KeyError) as e:
         raise _model_error(model, path, e) from e
+    if name not in PIPELINES:
+        raise ValueError(f"--model {model} is a {name}; DrPO here trains one-step text-to-image pipelines of the "
+                         f"classes {', '.join(PIPELINES)}, such as sd-turbo or sdxl-turbo")
+    return name, *configs
 
 
 def load_pipeline(model, dtype=torch.float32):
-    """A StableDiffusionPipeline from an alias, a hub id or a local diffusers folder."""
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline (the class the folder names) from an
+    alias, a hub id or a local diffusers folder, with every weight frozen."""
+    import diffusers
 
+    name, _, _ = model_configs(model)
     path = resolve_model(model)
+    extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
         raise _model_error(model, path, e) from e
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen: the LoRA is all that trains
-        module.requires_grad_(False)
+    for module in pipe.components.values():  # frozen: the LoRA is all that trains
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
     if kind != "epsilon":
         raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
@@ -329,28 +341,50 @@ def precision_dtype(precision, device):
 
 
 def latent_shape(pipe, resolution=None):
-    """(C, H/8, W/8) of the generator's latents for square images; None = the model's native side."""
-    side = (resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
-    return (pipe.unet.config.in_channels, side, side)
+    """(C, H/8, W/8) of the generator's latents for square images. None = the native side: the
+    UNet config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if resolution is None and is_sdxl(pipe):
+        side = min(side, TURBO_SIDE)
+    return (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+
+
+def is_sdxl(pipe):
+    return type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts):
-    """CLIP text embeddings exactly as the pipeline computes them (max-length padding)."""
+def unet_conditioning(pipe, prompts, side):
+    """What the UNet takes besides the noisy latent and the timestep, {name: (B, ...) tensor},
+    exactly as the stock pipeline computes it. This is the one place SD and SDXL differ: SD
+    takes CLIP text embeddings; SDXL the embeddings of two text encoders, the pooled embedding
+    and the size/crop "time ids" (side x side, no crop) of DESIGN.md 8."""
+    if is_sdxl(pipe):
+        emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
+                                               do_classifier_free_guidance=False)
+        ids = torch.tensor([side, side, 0, 0, side, side], dtype=emb.dtype, device=emb.device)
+        return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)}
     tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
+    return {"encoder_hidden_states": pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]}
 
 
-def one_step(unet, z, text_emb, alpha_bar):
+def unet_kwargs(cond):
+    """unet_conditioning's output as UNet2DConditionModel keyword arguments."""
+    added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}  # SDXL: text_embeds, time_ids
+    return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+
+
+def one_step(unet, z, cond, alpha_bar):
     """The clean latent x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) at t = 999, a = alphas_cumprod[999].
 
-    Matches the stock pipeline (Euler, trailing spacing, one step) on the same noise z: it starts
-    from sigma * z with sigma = sqrt((1 - a) / a) and feeds x_t = sigma * z / sqrt(sigma^2 + 1) =
-    sqrt(1 - a) * z to the UNet, so x0 = sigma * (z - eps).
+    Matches the stock pipeline (Euler or Euler-ancestral, trailing spacing, one step: the
+    ancestral noise is zero) on the same noise z: it starts from sigma * z with
+    sigma = sqrt((1 - a) / a) and feeds x_t = sigma * z / sqrt(sigma^2 + 1) = sqrt(1 - a) * z to
+    the UNet, so x0 = sigma * (z - eps). cond: unet_conditioning() of the prompts, one row per z.
     """
     x_t = ((1 - alpha_bar).sqrt() * z.float()).to(unet.dtype)
-    eps = unet(x_t, ONE_STEP_T, encoder_hidden_states=text_emb).sample
+    eps = unet(x_t, ONE_STEP_T, **unet_kwargs(cond)).sample
     return ((1 - alpha_bar) / alpha_bar).sqrt() * (z.float() - eps.float())
 
 
@@ -398,26 +432,28 @@ def lora_state(unet):
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
 
 
-def save_lora(unet, out_dir):
-    """pytorch_lora_weights.safetensors in diffusers format: `pipe.load_lora_weights(out_dir)`."""
+def save_lora(pipe, out_dir):
+    """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
+    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(unet)),
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        type(pipe).save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
+            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
         os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(out_dir) / "pytorch_lora_weights.safetensors")
 
 
-def make_tiny(out_dir, seed=0):
-    """A small SD-architecture pipeline with random weights (DESIGN.md 7), saved with save_pretrained."""
+def make_tiny(out_dir, seed=0, arch="sd"):
+    """A small SD- or SDXL-architecture pipeline with random weights (DESIGN.md 7 and 8), saved
+    with save_pretrained so that it loads through the same code as SD-Turbo / SDXL-Turbo."""
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -429,13 +465,25 @@ def make_tiny(out_dir, seed=0):
         tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
     torch.manual_seed(seed)
     eos = vocab["<|endoftext|>"]
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    text_config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos))
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+        projection_dim=32)
+    text_encoder = CLIPTextModel(text_config)
+    if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    elif arch == "sd":
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    else:
+        raise ValueError(f"--arch {arch}: choose sd or sdxl")
     # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
     # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
     # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
@@ -446,11 +494,16 @@ def make_tiny(out_dir, seed=0):
         for _ in range(8)]
     with torch.no_grad():
         vae = max(vaes, key=lambda v: decode(v, 15 * z).mean((1, 2, 3)).std().item())
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="trailing", steps_offset=1)  # as sd-turbo's
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+                 steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=EulerAncestralDiscreteScheduler(**betas))
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     return out_dir
 
@@ -823,7 +876,7 @@ def map_stats(fmap, prefix):
 
 def latent_features():
     """The latents themselves (an ablation: the paper finds them worse than the base model)."""
-    return lambda latents, noise=None: map_stats(latents, "latent")
+    return lambda latents, noise=None, cond=None: map_stats(latents, "latent")
 
 
 def check_mae_ckpt(ckpt_path):
@@ -858,7 +911,7 @@ def mae_features(ckpt_path, device="cpu"):
         groups = max(g for g in range(1, 33) if x.shape[1] % g == 0)
         return F.group_norm(x, groups, W[name + ".weight"], W[name + ".bias"], eps=1e-5)
 
-    def phi(latents, noise=None):
+    def phi(latents, noise=None, cond=None):
         h = F.relu(gn(conv(latents.float(), "encoder.conv1"), "encoder.gn1"))
         for s, n_blocks in enumerate(layers):
             for b in range(n_blocks):
@@ -877,13 +930,17 @@ class _StopForward(Exception):
     """Raised by the last feature hook: the UNet layers after it are not needed."""
 
 
-def unet_features(unet, uncond_emb, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t=100, noise_level=0.1):
+def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t=100, noise_level=0.1):
     """Teacher-UNet features: outputs of deep blocks of the frozen base UNet (LoRA off) on the
     latent + noise_level * noise at timestep t, average-pooled to 4x4, one vector per block.
 
-    Conditioned on the empty prompt, so phi is one fixed function of the latent. The caller passes
-    the noise so that a latent featurized twice (ranking, then regression) sees the same draw.
+    Conditioned on the latent's own prompt (cond = unet_conditioning rows), as the published
+    SDXL-Turbo trainer does; every set of a prompt is featurized under the same conditioning. The
+    caller passes the noise so that a latent featurized twice (ranking, then regression) sees the
+    same draw. The default blocks are the published ones (down_blocks.-1 = down_blocks.2 on SDXL).
     """
+    from torch.utils.checkpoint import checkpoint
+
     modules = {}
     for name in layers:
         m = unet
@@ -891,8 +948,8 @@ def unet_features(unet, uncond_emb, layers=("down_blocks.-1", "mid_block", "up_b
             m = m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)
         modules[name] = m
 
-    def phi(latents, noise):
-        outs = {}
+    def teacher(x, cond):
+        outs, checkpointing = {}, unet.is_gradient_checkpointing
 
         def hook(name):
             def fn(module, inputs, output):
@@ -903,13 +960,26 @@ def unet_features(unet, uncond_emb, layers=("down_blocks.-1", "mid_block", "up_b
 
         handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
         try:
+            if checkpointing:  # phi checkpoints the teacher as a whole instead (see below)
+                unet.disable_gradient_checkpointing()
             with lora_off(unet), contextlib.suppress(_StopForward):
-                x = latents + noise_level * noise
-                unet(x.to(unet.dtype), t, encoder_hidden_states=uncond_emb.expand(len(x), -1, -1))
+                unet(x.to(unet.dtype), t, **unet_kwargs(cond))
         finally:
             for h in handles:
                 h.remove()
-        return {f"unet.{n}": F.adaptive_avg_pool2d(outs[n].float(), 4).flatten(1)[:, None] for n in modules}
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+        return [outs[n] for n in modules]
+
+    def phi(latents, noise, cond):
+        x = latents + noise_level * noise
+        if unet.is_gradient_checkpointing and torch.is_grad_enabled():
+            # Recompute the whole teacher in backward, LoRA off again. Checkpointing inside it would
+            # recompute its blocks after lora_off has ended, i.e. with the LoRA on: another function.
+            outs = checkpoint(teacher, x, cond, use_reentrant=False)
+        else:
+            outs = teacher(x, cond)
+        return {f"unet.{n}": F.adaptive_avg_pool2d(o.float(), 4).flatten(1)[:, None] for n, o in zip(modules, outs)}
 
     return phi
 
@@ -927,7 +997,7 @@ def dinov2_features(vae, model_id="facebook/dinov2-base", device="cpu", dtype=to
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
     patch = net.config.patch_size
 
-    def phi(latents, noise=None):
+    def phi(latents, noise=None, cond=None):
         img = F.interpolate(decode(vae, latents), size=(224, 224), mode="bilinear", antialias=True)
         hidden = net(pixel_values=((img - mean) / std).to(dtype)).last_hidden_state.float()
         side = 224 // patch
@@ -942,13 +1012,14 @@ FEATURES = ("unet", "mae", "latent", "dinov2")
 
 def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-1", "mid_block", "up_blocks.0"),
                   dinov2="facebook/dinov2-base", device="cpu"):
-    """A feature map phi(latents, noise=None) -> {key: (B, T, D)} by name (see FEATURES)."""
+    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES).
+    noise and cond (the latents' prompt conditioning) are used by the teacher-UNet features only."""
     if name == "mae":
         return mae_features(mae_ckpt, device)
     if name == "latent":
         return latent_features()
     if name == "unet":
-        return unet_features(pipe.unet, encode_prompts(pipe, [""]), unet_layers)
+        return unet_features(pipe.unet, unet_layers)
     if name == "dinov2":
         return dinov2_features(pipe.vae, dinov2, device, pipe.vae.dtype)
     raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
@@ -1104,9 +1175,10 @@ def feature_sets(fx, fr, pos_idx, neg_idx):
 @torch.no_grad()
 def sample_images(pipe, prompts, noises, alpha_bar):
     """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
-    emb = encode_prompts(pipe, prompts).repeat_interleave(len(noises), 0)
+    side = noises.shape[-1] * pipe.vae_scale_factor
+    cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
     z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, emb, alpha_bar)))
+    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, alpha_bar)))
 
 
 def train(args):
@@ -1140,6 +1212,7 @@ def train(args):
                             unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
     shape = latent_shape(pipe, args.resolution)
+    side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
@@ -1189,14 +1262,14 @@ def train(args):
                 feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
                 if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
                     continue
-                emb = encode_prompts(pipe, batch).repeat_interleave(K, 0)
+                cond = {k: v.repeat_interleave(K, 0) for k, v in unet_conditioning(pipe, batch, side).items()}
 
                 # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
                 with torch.no_grad(), autocast:
-                    x = one_step(unet, z, emb, alpha_bar)
+                    x = one_step(unet, z, cond, alpha_bar)
                     lap("sample")
                     with lora_off(unet):
-                        r = one_step(unet, z, emb, alpha_bar)
+                        r = one_step(unet, z, cond, alpha_bar)
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
@@ -1210,7 +1283,8 @@ def train(args):
 
                 # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
                 with torch.no_grad(), autocast:
-                    gen, pos, neg, ref = feature_sets(phi(x, feat_noise), phi(r, feat_noise), pos_idx, neg_idx)
+                    gen, pos, neg, ref = feature_sets(phi(x, feat_noise, cond), phi(r, feat_noise, cond), pos_idx,
+                                                      neg_idx)
                 lap("features")
 
                 # 4. Field: preference dipole and reference drift on the detached features -> targets.
@@ -1218,11 +1292,12 @@ def train(args):
                 lap("field")
 
                 # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
-                zs, ns, es = (t.view(B, K, *t.shape[1:]) for t in (z, feat_noise, emb))
                 for c0 in range(0, K, C):
-                    zc, nc, ec = (t[:, c0:c0 + C].flatten(0, 1) for t in (zs, ns, es))
+                    zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0.. of each prompt
+                                   for t in (z, feat_noise, *cond.values()))
+                    cc = dict(zip(cond, cc))
                     with autocast:
-                        fc = phi(one_step(unet, zc, ec, alpha_bar), nc)
+                        fc = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
                     fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")  # the regression pass: generator and features recomputed, then backward
@@ -1261,7 +1336,7 @@ def train(args):
                 grid = image_grid(sample_images(pipe, grid_prompts, grid_noises, alpha_bar), len(grid_noises))
             atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
         if step % args.save_every == 0 or step == args.max_steps:
-            save_lora(unet, out)
+            save_lora(pipe, out)
             state = {"lora": lora_state(unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
                      "step": step, "order": order}
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
@@ -1288,11 +1363,13 @@ def build_parser():
     p = argparse.ArgumentParser(description="DrPO: finetune a one-step text-to-image generator toward a reward "
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, a local diffusers pipeline folder, or "
-                   "`tiny`: a tiny random SD pipeline for offline demos, built once in ~/.cache/drpo")
-    g.add_argument("--make-tiny", metavar="DIR", help="write the tiny random SD-architecture pipeline to DIR and exit")
-    g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size, 512 for "
-                   "sd-turbo)")
+    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a local diffusers pipeline "
+                   "folder (SD or SDXL, as its model_index.json says), or `tiny` / `tiny-sdxl`: tiny random pipelines "
+                   "for offline demos, built once in ~/.cache/drpo")
+    g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random pipeline (see --arch) to DIR and exit")
+    g.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="architecture of --make-tiny")
+    g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size; 512 for "
+                   "sd-turbo and sdxl-turbo)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
@@ -1404,7 +1481,7 @@ def check_args(args):
         check_mae_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
     # The model's configs only (a few kB), for the checks that depend on the architecture.
-    unet_cfg, vae_cfg = model_configs(args.model)
+    _, unet_cfg, vae_cfg = model_configs(args.model)
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
     if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
         raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
@@ -1423,8 +1500,8 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.make_tiny:
-        make_tiny(args.make_tiny)
-        print(f"wrote a tiny SD pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
+        make_tiny(args.make_tiny, arch=args.arch)
+        print(f"wrote a tiny {args.arch.upper()} pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
         return 0
     rank, world, _ = init_distributed()
     try:

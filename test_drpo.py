@@ -305,6 +305,48 @@ def tiny(tmp_path_factory):
     return str(drpo.make_tiny(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tinyxl") / "model"
+    assert drpo.main(["--make-tiny", str(path), "--arch", "sdxl"]) == 0
+    return str(path)
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def tiny_any(request):
+    """The tiny SD pipeline, then the tiny SDXL one: the same code paths must serve both."""
+    return request.getfixturevalue("tiny" if request.param == "sd" else "tiny_sdxl")
+
+
+def test_tiny_sdxl_is_a_stock_sdxl_pipeline_with_the_turbo_scheduler(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2 is not None
+
+
+def test_pipeline_class_comes_from_the_folder_not_the_name(tiny, tiny_sdxl, tmp_path, capsys):
+    shutil.copytree(tiny_sdxl, tmp_path / "sd-turbo")  # an SDXL folder with an SD-sounding name
+    assert drpo.is_sdxl(drpo.load_pipeline(str(tmp_path / "sd-turbo")))
+    assert not drpo.is_sdxl(drpo.load_pipeline(tiny))
+    index = json.loads((tmp_path / "sd-turbo" / "model_index.json").read_text())
+    (tmp_path / "sd-turbo" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="is a KandinskyPipeline"):
+        drpo.model_configs(str(tmp_path / "sd-turbo"))
+
+
+@pytest.mark.parametrize("arch,native", [("sd", 1024), ("sdxl", 512)])
+def test_default_resolution_is_the_native_side_and_512_for_sdxl(tiny, tiny_sdxl, tmp_path, arch, native):
+    folder = tmp_path / "big"
+    shutil.copytree(tiny if arch == "sd" else tiny_sdxl, folder)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 128}))  # SD(XL)'s 1024 px config
+    assert drpo.latent_shape(drpo.load_pipeline(str(folder))) == (4, native // 8, native // 8)
+    assert drpo.latent_shape(drpo.load_pipeline(str(folder)), 256) == (4, 32, 32)
+
+
 def run(tiny, out, *extra, reward="brightness"):
     return drpo.main(["--model", tiny, "--reward", reward, "--output-dir", str(out), "--candidates", "8",
                       "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0", *extra])
@@ -320,34 +362,41 @@ def pipeline(tiny, lora=None):
     return pipe
 
 
-def test_one_step_sampler_matches_the_diffusers_pipeline(tiny):
-    pipe = pipeline(tiny)
+def test_one_step_sampler_matches_the_diffusers_pipeline(tiny_any):
+    tiny = tiny_any
+    pipe = pipeline(tiny)  # with the scheduler the folder names (Euler for SD, Euler-ancestral for SDXL)
     z = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     prompts = ["a red fox", "a blue boat on a lake"]
     ref = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
     mine = drpo.load_pipeline(tiny)
     with torch.no_grad():
-        x = drpo.one_step(mine.unet, z, drpo.encode_prompts(mine, prompts), mine.scheduler.alphas_cumprod[999])
+        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, prompts, 128), mine.scheduler.alphas_cumprod[999])
         img = drpo.decode(mine.vae, x)
     torch.testing.assert_close(img, ref, rtol=0, atol=1e-5)
 
 
-def test_unet_features_reuse_noise_and_pass_gradient_to_the_latent_only(tiny):
-    pipe = drpo.load_pipeline(tiny)
+def test_unet_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
+    pipe = drpo.load_pipeline(tiny_any)
     params = drpo.add_lora(pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
     for p in params:  # a non-zero LoRA, so "LoRA off" is observable
         torch.nn.init.normal_(p, std=0.5)
     phi = drpo.load_features("unet", pipe=pipe)
     x = torch.randn(3, 4, 16, 16, requires_grad=True)
     noise = torch.randn_like(x)
-    a, b = phi(x, noise), phi(x, noise)
+    cond = drpo.unet_conditioning(pipe, ["a cat", "a dog", "a cat"], 128)
+    a, b = phi(x, noise, cond), phi(x, noise, cond)
     assert set(a) == {"unet.down_blocks.-1", "unet.mid_block", "unet.up_blocks.0"}
     assert all(v.shape == (3, 1, 64 * 16) for v in a.values())
     for k in a:
         torch.testing.assert_close(a[k], b[k])
-    assert (phi(x, torch.randn_like(x))["unet.mid_block"] - a["unet.mid_block"]).abs().max() > 0
+    assert (phi(x, torch.randn_like(x), cond)["unet.mid_block"] - a["unet.mid_block"]).abs().max() > 0
+    # the teacher is conditioned on each latent's own prompt (the published SDXL-Turbo trainer's rule)
+    other = drpo.unet_conditioning(pipe, ["a cat", "a cat", "a cat"], 128)
+    c = phi(x, noise, other)["unet.up_blocks.0"]
+    torch.testing.assert_close(c[[0, 2]], a["unet.up_blocks.0"][[0, 2]])
+    assert (c[1] - a["unet.up_blocks.0"][1]).abs().max() > 1e-4
     with drpo.lora_off(pipe.unet):  # features come from the base UNet: the LoRA must not change them
-        base = phi(x, noise)
+        base = phi(x, noise, cond)
     for k in a:
         torch.testing.assert_close(a[k], base[k])
     sum(v.sum() for v in a.values()).backward()
@@ -381,8 +430,8 @@ def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, t
         drpo.load_features("dinov2", pipe=pipe, dinov2=str(tmp_path / "nodino"))
 
 
-def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, tmp_path):
-    out = tmp_path / "run"
+def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_any, tmp_path):
+    tiny, out = tiny_any, tmp_path / "run"
     assert run(tiny, out, "--max-steps", "3", "--sample-every", "2", "--save-every", "2") == 0
     for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "checkpoint.pt",
                  "samples/step_000002.png", "samples/step_000003.png"):
@@ -402,7 +451,8 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, t
     z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
     kw = dict(latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt")
     base = pipeline(tiny)("a snowy owl", **kw).images
-    tuned_pipe = pipeline(tiny, str(out))
+    tuned_pipe = pipeline(tiny, str(out))  # StableDiffusionXLPipeline.load_lora_weights for the SDXL folder
+    assert type(tuned_pipe).__name__ == json.loads((Path(tiny) / "model_index.json").read_text())["_class_name"]
     tuned = tuned_pipe("a snowy owl", **kw).images
     assert (tuned - base).abs().max() > 1e-3
     mine = drpo.load_pipeline(tiny)
@@ -410,7 +460,7 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny, t
     from peft.utils import set_peft_model_state_dict
     set_peft_model_state_dict(mine.unet, torch.load(out / "checkpoint.pt", weights_only=False)["lora"])
     with torch.no_grad():
-        img = drpo.decode(mine.vae, drpo.one_step(mine.unet, z, drpo.encode_prompts(mine, ["a snowy owl"]),
+        img = drpo.decode(mine.vae, drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, ["a snowy owl"], 128),
                                                   mine.scheduler.alphas_cumprod[999]))
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
@@ -483,8 +533,10 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     pos_idx, neg_idx = ranked[:, :n_pos], ranked[:, K - n_neg:]
 
     phi = drpo.load_features("unet", pipe=pipe)  # the teacher UNet with the LoRA off
+    # each candidate's own prompt, as the stock pipeline encodes it
+    cond = {"encoder_hidden_states": torch.cat([pipe.encode_prompt([p] * K, "cpu", 1, False)[0] for p in batch])}
     with torch.no_grad():
-        fx, fr = phi(x, feat_noise), phi(r, feat_noise)
+        fx, fr = phi(x, feat_noise, cond), phi(r, feat_noise, cond)
     sets = lambda f, idx: torch.stack([f.view(B, K, *f.shape[1:])[b, idx[b]].flatten(0, 1) for b in range(B)])
     pos = {k: sets(f, pos_idx) for k, f in fx.items()}
     neg = {k: sets(f, neg_idx) for k, f in fx.items()}
@@ -492,10 +544,9 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     lora = [(n, p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
     for _, p in lora:
         p.requires_grad_(True)
-    emb = torch.cat([pipe.encode_prompt([p] * K, "cpu", 1, False)[0] for p in batch])
-    x_grad = drpo.one_step(pipe.unet, z, emb, pipe.scheduler.alphas_cumprod[999])
+    x_grad = drpo.one_step(pipe.unet, z, cond, pipe.scheduler.alphas_cumprod[999])
     torch.testing.assert_close(x_grad.detach(), x, rtol=0, atol=1e-4)
-    gen = {k: v.reshape(B, -1, v.shape[-1]) for k, v in phi(x_grad, feat_noise).items()}
+    gen = {k: v.reshape(B, -1, v.shape[-1]) for k, v in phi(x_grad, feat_noise, cond).items()}
     loss, _ = drpo.drpo_objective(gen, pos, neg, ref, kernel="laplacian", **w)
     loss.backward()
     grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for _, p in lora)).item()
@@ -544,9 +595,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny, tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_chunked_regression_gives_the_unchunked_gradient(tiny, tmp_path):
-    for name, chunk in (("whole", "0"), ("chunks", "3")):
-        assert run(tiny, tmp_path / name, "--max-steps", "2", "--grad-chunk", chunk, "--sample-every", "0") == 0
+def test_chunked_regression_gives_the_unchunked_gradient(tiny_any, tmp_path):
+    # the chunked run also recomputes UNet activations (gradient checkpointing): neither may change the gradient
+    for name, extra in (("whole", ["--grad-chunk", "0"]), ("chunks", ["--grad-chunk", "3", "--gradient-checkpointing"])):
+        assert run(tiny_any, tmp_path / name, "--max-steps", "2", "--sample-every", "0", *extra) == 0
     rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("whole", "chunks")}
     # step 1: the same gradient up to float summation order; later steps also carry Adam's
@@ -689,7 +741,7 @@ def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     built = []
     make_tiny = drpo.make_tiny
-    monkeypatch.setattr(drpo, "make_tiny", lambda d: built.append(d) or make_tiny(d))
+    monkeypatch.setattr(drpo, "make_tiny", lambda d, **kw: built.append(d) or make_tiny(d, **kw))
     path = drpo.resolve_model("tiny")
     assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v1" and len(built) == 1
     assert drpo.resolve_model("tiny") == path and len(built) == 1  # reused, not rebuilt
@@ -908,18 +960,21 @@ def test_optional_package_rewards_say_what_to_install():
 
 # ---------------------------------------------------------------- eval.py -----------------
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def trained(request, tmp_path_factory):
+    """(tiny model, a LoRA trained on it for 3 steps), for SD and SDXL."""
+    tiny = request.getfixturevalue("tiny" if request.param == "sd" else "tiny_sdxl")
     out = tmp_path_factory.mktemp("evalrun") / "brightlora"
     assert run(tiny, out, "--max-steps", "3", "--lr", "3e-2", "--sample-every", "0") == 0
-    return out
+    return tiny, out
 
 
-def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(tiny, trained, tmp_path):
+def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(trained, tmp_path):
     import numpy as np
 
     import eval as ev
 
+    tiny, trained = trained
     prompts = ["a lighthouse at night", "a bowl of fruit on a table", "snow"]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     argv = ["--model", tiny, "--lora", str(trained), "--reward", "brightness,jpeg", "--prompts",
@@ -956,11 +1011,12 @@ def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(tiny,
     assert res["seeds"] == [0, 1, 2] and res["prompts"] == prompts
 
 
-def test_eval_refuses_bad_input(tiny, trained, tmp_path, capsys):
+def test_eval_refuses_bad_input(trained, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     import eval as ev
 
+    tiny, trained = trained
     (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "empty.txt").write_text("\n")
     lora = load_file(trained / "pytorch_lora_weights.safetensors")

@@ -215,10 +215,12 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
     for _ in range(steps):
         times, lap = drpo.stopwatch(device)
         z = torch.randn((K, *shape)).to(device, dtype)
-        emb = drpo.encode_prompts(pipe, ["a photo of a cat"]).repeat(K, 1, 1)
+        cond = drpo.unet_conditioning(pipe, ["a photo of a cat"], shape[-1] * pipe.vae_scale_factor)
         for c0 in range(0, K, C):
+            n = len(z[c0:c0 + C])
             with autocast:
-                x = drpo.one_step(pipe.unet, z[c0:c0 + C], emb[c0:c0 + C], alpha_bar)
+                x = drpo.one_step(pipe.unet, z[c0:c0 + C], {k: v.repeat_interleave(n, 0) for k, v in cond.items()},
+                                  alpha_bar)
                 lap("sample")
                 images = drpo.decode(pipe.vae, x)
                 lap("decode")
@@ -260,7 +262,8 @@ def forward_ratio(model, arch, resolution, device, n=4):
     pipe = drpo.load_pipeline(model, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
     net = reward_net(arch, device)
     z = torch.randn((n, *drpo.latent_shape(pipe, resolution)), device=device, dtype=pipe.unet.dtype)
-    emb = drpo.encode_prompts(pipe, ["a photo of a cat"]).repeat(n, 1, 1)
+    cond = {k: v.repeat_interleave(n, 0) for k, v in
+            drpo.unet_conditioning(pipe, ["a photo of a cat"], z.shape[-1] * pipe.vae_scale_factor).items()}
     images = torch.rand((n, 3, resolution, resolution), device=device)
 
     def best(f):
@@ -275,7 +278,7 @@ def forward_ratio(model, arch, resolution, device, n=4):
         return min(times)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return best(lambda: net(images)) / best(lambda: pipe.unet(z, drpo.ONE_STEP_T, encoder_hidden_states=emb))
+        return best(lambda: net(images)) / best(lambda: pipe.unet(z, drpo.ONE_STEP_T, **drpo.unet_kwargs(cond)))
 
 
 def main():
