@@ -1052,6 +1052,77 @@ def read_prompts(path):
     return prompts
 
 
+def read_pairs(path):
+    """--pairs FILE.jsonl: one {"prompt", "chosen", "rejected"} per line (image paths relative to the
+    file's folder, or absolute) -> {prompt: (chosen paths, rejected paths)} in file order. Every
+    line and image is checked here, before anything loads; errors name the file and line."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--pairs {path}: no such file; give a JSON-lines file with one "
+                                f'{{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}} per line')
+    pairs, dropped = {}, set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--pairs {path}, line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not JSON ({e}); write one JSON object per line") from e
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}; each line needs prompt, chosen and rejected")
+        if not all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"{where}: prompt, chosen and rejected must be non-empty strings")
+        images = []
+        for key in ("chosen", "rejected"):
+            image = path.parent / Path(row[key]).expanduser()  # an absolute path stays as it is
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{where}: {key} image {image} does not exist") from e
+            except Exception as e:  # PIL raises several kinds for a broken file
+                raise ValueError(f"{where}: {key} image {image} cannot be read as an image ({e})") from e
+            images.append(image.resolve())
+        chosen, rejected = pairs.setdefault(row["prompt"], ([], []))
+        if images[0] == images[1]:  # the same image on both sides states no preference: dropped
+            dropped.add(row["prompt"])
+            continue
+        chosen.append(images[0])
+        rejected.append(images[1])
+    if not pairs:
+        raise ValueError(f"--pairs {path} is empty; write one JSON object per line")
+    for prompt in dropped:
+        if not pairs[prompt][0]:
+            raise ValueError(f"--pairs {path}: prompt {prompt!r} has no pairs left after dropping those whose chosen "
+                             f"and rejected image are the same file; give it a real pair or remove its lines")
+    return pairs
+
+
+@torch.no_grad()
+def encode_images(pipe, paths, side, batch_size=8):
+    """Images -> VAE latents (latent_dist.mean x scaling_factor) at side x side px: the shorter
+    side resized to `side` (bicubic), then center-cropped, as the training samples are framed."""
+    import numpy as np
+    from PIL import Image
+
+    latents = []
+    for i in range(0, len(paths), batch_size):
+        arrays = []
+        for p in paths[i:i + batch_size]:
+            im = Image.open(p).convert("RGB")
+            scale = side / min(im.size)
+            im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))), resample=3)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            arrays.append(np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.float32) / 127.5 - 1)
+        img = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(pipe.vae.device, pipe.vae.dtype)
+        latents.append(pipe.vae.encode(img).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
+    return torch.cat(latents)
+
+
 def atomic_write(path, write):
     """Write through a temporary file and rename, so an interrupt never leaves half a file."""
     tmp = Path(f"{path}.tmp")
@@ -1130,7 +1201,7 @@ def all_reduce_update(params, log):
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
     device = flat.device
-    for key in ("scores", "pos", "neg"):  # every process ran the same number of micro-steps
+    for key in ("scores", "pos", "neg") if log["scores"] else ():  # every process ran as many micro-steps
         mine = torch.cat(log[key]).to(device)
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
@@ -1159,15 +1230,17 @@ def stopwatch(device):
 def feature_sets(fx, fr, pos_idx, neg_idx):
     """The four feature sets of one micro-step, {key: (B, set size, D)} each: gen (all K samples
     of a prompt), pos / neg (its own top / bottom candidates), ref (the base samples on the same
-    noises). fx, fr: {key: (B*K, T, D)} features of the samples and of the base samples, prompt
-    by prompt; pos_idx, neg_idx: (B, n) candidate indices from select_pos_neg. A set pools the
-    tokens of its candidates."""
+    noises). fr: {key: (B*K, T, D)} features of the base samples, prompt by prompt; fx: those of
+    the samples, each prompt's K followed by its extra anchors if any (offline pairs);
+    pos_idx, neg_idx: (B, n) indices into each prompt's rows of fx, e.g. from select_pos_neg. A
+    set pools the tokens of its candidates."""
     B = pos_idx.shape[0]
     rows = torch.arange(B, device=pos_idx.device)[:, None]
     gen, pos, neg, ref = {}, {}, {}, {}
     for key, f in fx.items():
-        f = f.view(B, -1, *f.shape[1:])  # (B, K, T, D)
-        gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        f = f.view(B, -1, *f.shape[1:])  # (B, K [+ anchors], T, D)
+        K = fr[key].shape[0] // B
+        gen[key], ref[key] = f[:, :K].flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
         pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
     return gen, pos, neg, ref
 
@@ -1193,7 +1266,8 @@ def train(args):
     dtype = precision_dtype(args.precision, device)
     out = Path(args.output_dir)
     ckpt_path = out / "checkpoint.pt"
-    prompts = read_prompts(args.prompts)
+    pairs = read_pairs(args.pairs) if args.pairs else None  # offline: {prompt: (chosen, rejected) images}
+    prompts = list(pairs) if pairs else read_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
 
     # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
@@ -1204,15 +1278,19 @@ def train(args):
         params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        reward_device = reward_device_of(args.reward_device, device, local_rank)
-        reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
-                                precision_dtype(args.reward_precision, reward_device),
-                                hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
         phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt,
                             unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
+        shape = latent_shape(pipe, args.resolution)
+        side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
+        if pairs:  # offline preference pairs (DESIGN.md 10): each image VAE-encoded once, kept in memory
+            paths = sorted({p for chosen, rejected in pairs.values() for p in (*chosen, *rejected)})
+            latent_of = dict(zip(paths, encode_images(pipe, paths, side)))
+        else:
+            reward_device = reward_device_of(args.reward_device, device, local_rank)
+            reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
+                                    precision_dtype(args.reward_precision, reward_device),
+                                    hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
-    shape = latent_shape(pipe, args.resolution)
-    side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
@@ -1260,9 +1338,12 @@ def train(args):
                 batch, order = [prompts[i] for i in order[:B]], order[B:]
                 z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
                 feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                if pairs:  # the anchors' feature noise
+                    anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
                 if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
                     continue
-                cond = {k: v.repeat_interleave(K, 0) for k, v in unet_conditioning(pipe, batch, side).items()}
+                prompt_cond = unet_conditioning(pipe, batch, side)
+                cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
 
                 # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
                 with torch.no_grad(), autocast:
@@ -1273,18 +1354,31 @@ def train(args):
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
-                with torch.no_grad(), autocast:
-                    images = [im for i in range(0, B * K, args.reward_batch)
-                              for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
-                lap("decode")
-                scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
-                pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+                if not pairs:
+                    with torch.no_grad(), autocast:
+                        images = [im for i in range(0, B * K, args.reward_batch)
+                                  for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
+                    lap("decode")
+                    scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
+                    pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+                    pool, pool_noise, pool_cond = x, feat_noise, cond
+                else:  # offline: the prompt's chosen / rejected images are the positives / negatives,
+                    # appended to its candidates (at most n_pos / n_neg, as many for every prompt of the batch)
+                    P = min(args.n_pos, *(len(pairs[p][0]) for p in batch))
+                    M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
+                    anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
+                                           for p in batch]).to(device, x.dtype)
+                    pool = torch.cat([x.view(B, K, *shape), anchors], 1).flatten(0, 1)
+                    pool_noise = torch.cat([feat_noise.view(B, K, *shape), anchor_noise[:, :P + M]], 1).flatten(0, 1)
+                    pool_cond = {k: v.repeat_interleave(K + P + M, 0) for k, v in prompt_cond.items()}
+                    pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
+                    neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
                 lap("reward")
 
                 # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
                 with torch.no_grad(), autocast:
-                    gen, pos, neg, ref = feature_sets(phi(x, feat_noise, cond), phi(r, feat_noise, cond), pos_idx,
-                                                      neg_idx)
+                    gen, pos, neg, ref = feature_sets(phi(pool, pool_noise, pool_cond), phi(r, feat_noise, cond),
+                                                      pos_idx, neg_idx)
                 lap("features")
 
                 # 4. Field: preference dipole and reference drift on the detached features -> targets.
@@ -1302,9 +1396,10 @@ def train(args):
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")  # the regression pass: generator and features recomputed, then backward
 
-                log["scores"].append(scores.flatten())
-                log["pos"].append(scores.gather(1, pos_idx).flatten())
-                log["neg"].append(scores.gather(1, neg_idx).flatten())
+                if not pairs:
+                    log["scores"].append(scores.flatten())
+                    log["pos"].append(scores.gather(1, pos_idx).flatten())
+                    log["neg"].append(scores.gather(1, neg_idx).flatten())
                 for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"):
                     log[k] += stats[k] / n_micro
 
@@ -1318,18 +1413,24 @@ def train(args):
         if rank != 0:  # one writer: rank 0 logs, samples and saves
             continue
 
-        scores = torch.cat(log.pop("scores"))
-        metrics = {"step": step, "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-                   "pos_mean": torch.cat(log.pop("pos")).mean().item(), "neg_mean": torch.cat(log.pop("neg")).mean().item(),
+        scores, pos_scores, neg_scores = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
+        metrics = {"step": step, **({} if pairs else {
+                       "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+                       "pos_mean": pos_scores.mean().item(), "neg_mean": neg_scores.mean().item()}),
                    **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                    "seconds": sum(times.values()), "phases_s": times}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         bar.update(1)
-        # What moves when DrPO learns: the reward, the top-bottom gap it ranks on, the distance to G_0.
-        # (The regression loss is mean(V^2) of a normalized field: nearly constant by construction.)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
-                        gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
+        # What moves when DrPO learns: the reward and the top-bottom gap it ranks on (offline: the
+        # distances to the chosen and rejected images), and the distance to G_0. (The regression loss
+        # is mean(V^2) of a normalized field: nearly constant by construction.)
+        if pairs:
+            bar.set_postfix(chosen=f"{metrics['dist_pos']:.3g}", rejected=f"{metrics['dist_neg']:.3g}",
+                            gap=f"{metrics['dist_neg'] - metrics['dist_pos']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
+        else:
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
+                            gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             (out / "samples").mkdir(exist_ok=True)
             with autocast:
@@ -1392,9 +1493,13 @@ def build_parser():
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
     g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", default="hpsv3", help="reward name (hpsv3, pickscore, clip, aesthetic, imagereward, "
-                   "hpsv2, brightness, jpeg, random), `module:function`, or a weighted comma list like "
-                   "`hpsv3:1,pickscore:0.5` (see README)")
+    g.add_argument("--reward", help="reward name (hpsv3, pickscore, clip, aesthetic, imagereward, hpsv2, brightness, "
+                   "jpeg, random), `module:function`, or a weighted comma list like `hpsv3:1,pickscore:0.5` (see "
+                   "README); default: hpsv3, or none with --pairs")
+    g.add_argument("--pairs", metavar="FILE.jsonl", help="offline preference pairs instead of a reward: one "
+                   '{"prompt", "chosen", "rejected"} per line (image paths relative to the file); the chosen images '
+                   "are the positives, the rejected the negatives (at most --n-pos / --n-neg per prompt), the prompts "
+                   "the training prompts. Not with --reward or --prompts")
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
     g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N` = "
                    "the GPU N after this process's own, e.g. under torchrun with 4 training GPUs, cuda:+4")
@@ -1472,7 +1577,15 @@ def check_args(args):
             reward_device_of(args.reward_device, torch.device("cpu"), 0)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
-    rewards = [name for name, _ in parse_reward_spec(args.reward)]
+    if args.pairs:
+        if args.reward or args.prompts:
+            raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the "
+                             "preferences); drop " + " and ".join(f for f, v in (("--reward", args.reward),
+                                                                                ("--prompts", args.prompts)) if v))
+        read_pairs(args.pairs)
+    else:
+        args.reward = args.reward or "hpsv3"
+    rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
     if "hpsv3" in rewards:
         for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
             if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
