@@ -1,14 +1,16 @@
 """DrPO: Drifting Preference Optimization for one-step text-to-image generators.
 
-A single-file reference implementation of arXiv 2606.02521 for SD-Turbo.
+A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo.
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
     torchrun --nproc_per_node 4 drpo.py --model sd-turbo --reward hpsv3 --grad-accum 8        # the paper's 4 GPUs
+    python drpo.py --model sdxl-turbo --pairs pairs.jsonl     # offline: preference pairs instead of a reward
 
 One training step, per prompt c (DESIGN.md section 1):
   1. Sample:     K noises z, x = G_theta(z, c) (LoRA on), r = G_0(z, c) (LoRA off).
-  2. Rank:       decode x, score with the reward (never differentiated), top n_pos / bottom n_neg.
+  2. Rank:       decode x, score with the reward (never differentiated), top n_pos / bottom n_neg
+                 (offline, --pairs: the prompt's chosen / rejected images instead).
   3. Featurize:  feature sets phi(x), phi(positives), phi(negatives), phi(r).
   4. Field:      dipole preference field V_pref and reference drift V_ref on detached phi(x).
   5. Regress:    L = sum_k MSE(phi(x)/sigma, sg(phi(x)/sigma + V)), backprop into the LoRA only.
