@@ -21,6 +21,7 @@ one-step sampling, rewards, feature maps, the training loop, the command line.
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -1054,6 +1055,7 @@ def read_prompts(path):
     return prompts
 
 
+@functools.lru_cache(maxsize=1)  # check_args and train read the same file: check its images once
 def read_pairs(path):
     """--pairs FILE.jsonl: one {"prompt", "chosen", "rejected"} per line (image paths relative to the
     file's folder, or absolute) -> {prompt: (chosen paths, rejected paths)} in file order. Every
