@@ -297,8 +297,8 @@ def _model_error(model, path, e):
 
 
 def model_configs(model):
-    """The pipeline class name (as model_index.json names it, never guessed from the model's name)
-    and the UNet and VAE configs of --model, read without loading any weights."""
+    """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
+    it, never guessed from the model's name) and its UNet and VAE configs, read without weights."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     path = resolve_model(model)
@@ -311,7 +311,7 @@ def model_configs(model):
     if name not in PIPELINES:
         raise ValueError(f"--model {model} is a {name}; DrPO here trains one-step text-to-image pipelines of the "
                          f"classes {', '.join(PIPELINES)}, such as sd-turbo or sdxl-turbo")
-    return name, *configs
+    return path, name, *configs
 
 
 def load_pipeline(model, dtype=torch.float32):
@@ -319,8 +319,7 @@ def load_pipeline(model, dtype=torch.float32):
     alias, a hub id or a local diffusers folder, with every weight frozen."""
     import diffusers
 
-    name, _, _ = model_configs(model)
-    path = resolve_model(model)
+    path, name, _, _ = model_configs(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
@@ -1598,7 +1597,7 @@ def check_args(args):
         check_mae_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
     # The model's configs only (a few kB), for the checks that depend on the architecture.
-    _, unet_cfg, vae_cfg = model_configs(args.model)
+    _, _, unet_cfg, vae_cfg = model_configs(args.model)
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
     if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
         raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
