@@ -7,7 +7,7 @@ A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL
     torchrun --nproc_per_node 4 drpo.py --model sd-turbo --reward hpsv3 --grad-accum 8        # the paper's 4 GPUs
     python drpo.py --model sdxl-turbo --pairs pairs.jsonl     # offline: preference pairs instead of a reward
 
-One training step, per prompt c (DESIGN.md section 1):
+One training step, per prompt c, as in the paper:
   1. Sample:     K noises z, x = G_theta(z, c) (LoRA on), r = G_0(z, c) (LoRA off).
   2. Rank:       decode x, score with the reward (never differentiated), top n_pos / bottom n_neg
                  (offline, --pairs: the prompt's chosen / rejected images instead).
@@ -15,8 +15,13 @@ One training step, per prompt c (DESIGN.md section 1):
   4. Field:      dipole preference field V_pref and reference drift V_ref on detached phi(x).
   5. Regress:    L = sum_k MSE(phi(x)/sigma, sg(phi(x)/sigma + V)), backprop into the LoRA only.
 
-Reading order: the drift field (pure torch, copy it into your own trainer), models and
-one-step sampling, rewards, feature maps, the training loop, the command line.
+Sections, in reading order:
+  1. the drift field: pure torch, copy it into your own trainer;
+  2. one-step sampling and the training loop, whose blocks are the five steps above;
+  3. what the loop calls: feature maps, the reward protocol (ports of reward models live in
+     rewards/, one file per model), the LoRA, the generator;
+  4. plumbing: several processes, files, validation;
+  5. the command line.
 """
 
 import argparse
@@ -35,9 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------------------
-# 1. The drift field (DESIGN.md section 2). Pure torch: these functions need nothing else.
+# 1. The drift field (arXiv 2606.02521). Pure torch: copy these functions into your own trainer.
 # ----------------------------------------------------------------------------------------
+
 
 KERNELS = ("laplacian", "exponential", "rbf", "cosine")
 
@@ -205,7 +212,7 @@ def regression_loss(gen_feats, targets, start=0, n_total=None):
 
 
 def drpo_objective(gen_feats, pos_feats, neg_feats, ref_feats, **field_kwargs):
-    """The DrPO loss: sum_k [L_pref,k + lambda_ref * L_ref,k], mean over sets (DESIGN.md 2).
+    """The DrPO loss: sum_k [L_pref,k + lambda_ref * L_ref,k], mean over sets.
 
     gen_feats carry the gradient; everything else is a constant. field_kwargs are those of
     drpo_targets. Returns (loss, stats): preference and reference losses, and the mean feature
@@ -240,119 +247,11 @@ def select_pos_neg(scores, n_pos, n_neg):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Models and one-step sampling (DESIGN.md section 4)
+# 2. One-step sampling and the training loop
 # ----------------------------------------------------------------------------------------
 
-MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}  # offline demo models, built on first use
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
 ONE_STEP_T = 999  # SD-Turbo and SDXL-Turbo are sampled with a single step at the last training timestep
-TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (DESIGN.md 8)
-
-
-def tiny_model_dir(arch="sd"):
-    """Where `--model tiny` / `tiny-sdxl` builds the offline demo model once: the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
-
-
-def resolve_model(model):
-    """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
-    checked here; `tiny` is built into the cache on first use."""
-    if model in TINY_MODELS:
-        path = tiny_model_dir(TINY_MODELS[model])
-        if not (path / "model_index.json").is_file():
-            import shutil
-
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # built aside, then renamed: never half a model
-            print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
-            make_tiny(tmp, arch=TINY_MODELS[model])
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process got there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(path)
-    path = MODEL_ALIASES.get(model, model)
-    local = Path(path).expanduser()
-    if local.is_file():
-        raise FileNotFoundError(f"--model {model} is a file; pass a diffusers pipeline folder (the one "
-                                f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
-                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])}")
-    if local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise FileNotFoundError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
-                                    f"pass the folder `pipe.save_pretrained` wrote, or a hub id such as sd-turbo")
-        return str(local)
-    if path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--model {model}: no such folder. Pass a diffusers pipeline folder, a hub id, "
-                                f"or `--model tiny` for the offline demo model")
-    return path
-
-
-def _model_error(model, path, e):
-    return OSError(f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n"
-                   f"  Known aliases: {', '.join([*MODEL_ALIASES, *TINY_MODELS])}. Hub models download on first use; offline, "
-                   f"fetch it on a machine with internet (`hf download {path} --local-dir DIR`) and pass --model DIR. "
-                   f"For an offline demo: --model tiny.")
-
-
-def model_configs(model):
-    """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
-    it, never guessed from the model's name) and its UNet and VAE configs, read without weights."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-
-    path = resolve_model(model)
-    try:
-        name = DiffusionPipeline.load_config(path)["_class_name"]
-        configs = (UNet2DConditionModel.load_config(path, subfolder="unet"),
-                   AutoencoderKL.load_config(path, subfolder="vae"))
-    except (OSError, ValueError, KeyError) as e:
-        raise _model_error(model, path, e) from e
-    if name not in PIPELINES:
-        raise ValueError(f"--model {model} is a {name}; DrPO here trains one-step text-to-image pipelines of the "
-                         f"classes {', '.join(PIPELINES)}, such as sd-turbo or sdxl-turbo")
-    return path, name, *configs
-
-
-def load_pipeline(model, dtype=torch.float32):
-    """A StableDiffusionPipeline or StableDiffusionXLPipeline (the class the folder names) from an
-    alias, a hub id or a local diffusers folder, with every weight frozen."""
-    import diffusers
-
-    path, name, _, _ = model_configs(model)
-    extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
-    try:
-        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
-    except (OSError, ValueError) as e:
-        raise _model_error(model, path, e) from e
-    for module in pipe.components.values():  # frozen: the LoRA is all that trains
-        if isinstance(module, torch.nn.Module):
-            module.requires_grad_(False)
-    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
-                         f"such as sd-turbo")
-    return pipe
-
-
-def precision_dtype(precision, device):
-    """A --precision value -> dtype; auto = bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-
-
-def latent_shape(pipe, resolution=None):
-    """(C, H/8, W/8) of the generator's latents for square images. None = the native side: the
-    UNet config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
-    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if resolution is None and is_sdxl(pipe):
-        side = min(side, TURBO_SIDE)
-    return (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
-
-
-def is_sdxl(pipe):
-    return type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
 @torch.no_grad()
@@ -360,7 +259,7 @@ def unet_conditioning(pipe, prompts, side):
     """What the UNet takes besides the noisy latent and the timestep, {name: (B, ...) tensor},
     exactly as the stock pipeline computes it. This is the one place SD and SDXL differ: SD
     takes CLIP text embeddings; SDXL the embeddings of two text encoders, the pooled embedding
-    and the size/crop "time ids" (side x side, no crop) of DESIGN.md 8."""
+    and the size/crop "time ids" (side x side, no crop), as the stock SDXL pipeline builds them."""
     if is_sdxl(pipe):
         emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
                                                do_classifier_free_guidance=False)
@@ -406,7 +305,7 @@ def to_pil(images):
 
 @contextlib.contextmanager
 def lora_off(unet):
-    """The frozen base generator G_0: the same UNet with its adapter switched off (DESIGN.md 1),
+    """The frozen base generator G_0: the same UNet with its adapter switched off,
     so no second copy of the UNet is needed."""
     unet.disable_adapters()
     try:
@@ -415,456 +314,182 @@ def lora_off(unet):
         unet.enable_adapters()
 
 
-def add_lora(unet, rank, alpha, targets):
-    """Freeze the UNet and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
-                                target_modules=list(targets)))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # fp32 master weights for the LoRA even when the base is bf16
-        p.data = p.data.float()
-    return params
-
-
-def lora_state(unet):
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-
-
-def save_lora(pipe, out_dir):
-    """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
-    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
-    import tempfile
-
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        type(pipe).save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
-            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
-        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(out_dir) / "pytorch_lora_weights.safetensors")
+def feature_sets(fx, fr, pos_idx, neg_idx):
+    """The four feature sets of one micro-step, {key: (B, set size, D)} each: gen (all K samples
+    of a prompt), pos / neg (its own top / bottom candidates), ref (the base samples on the same
+    noises). fr: {key: (B*K, T, D)} features of the base samples, prompt by prompt; fx: those of
+    the samples, each prompt's K followed by its extra anchors if any (offline pairs);
+    pos_idx, neg_idx: (B, n) indices into each prompt's rows of fx, e.g. from select_pos_neg. A
+    set pools the tokens of its candidates."""
+    B = pos_idx.shape[0]
+    rows = torch.arange(B, device=pos_idx.device)[:, None]
+    gen, pos, neg, ref = {}, {}, {}, {}
+    for key, f in fx.items():
+        f = f.view(B, -1, *f.shape[1:])  # (B, K [+ anchors], T, D)
+        K = fr[key].shape[0] // B
+        gen[key], ref[key] = f[:, :K].flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
+    return gen, pos, neg, ref
 
 
-def make_tiny(out_dir, seed=0, arch="sd"):
-    """A small SD- or SDXL-architecture pipeline with random weights (DESIGN.md 7 and 8), saved
-    with save_pretrained so that it loads through the same code as SD-Turbo / SDXL-Turbo."""
-    import tempfile
+def train(args):
+    """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts,
+    then one AdamW step of the LoRA. Writes the LoRA, metrics, sample grids and checkpoints."""
+    from tqdm import tqdm
 
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    # One process, or one of `world` under torchrun: each process runs every world-th micro-step,
+    # then one all-reduce sums the LoRA gradients; rank 0 writes all outputs.
+    rank, world, local_rank = init_distributed()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    dtype = precision_dtype(args.precision, device)
+    out = Path(args.output_dir)
+    pairs = read_pairs(args.pairs) if args.pairs else None  # offline: {prompt: (chosen, rejected) images}
+    prompts = list(pairs) if pairs else read_prompts(args.prompts)
+    out.mkdir(parents=True, exist_ok=True)
 
-    # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    torch.manual_seed(seed)
-    eos = vocab["<|endoftext|>"]
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
-        projection_dim=32)
-    text_encoder = CLIPTextModel(text_config)
-    if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    elif arch == "sd":
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
-    else:
-        raise ValueError(f"--arch {arch}: choose sd or sdxl")
-    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
-    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
-    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
-    z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
-    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
-        for _ in range(8)]
-    with torch.no_grad():
-        vae = max(vaes, key=lambda v: decode(v, 15 * z).mean((1, 2, 3)).std().item())
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
-                 steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
-    if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                         scheduler=EulerAncestralDiscreteScheduler(**betas))
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out_dir)
-    return out_dir
-
-
-# ----------------------------------------------------------------------------------------
-# 3. Rewards (DESIGN.md section 6): (images, prompts) -> one float per image, ranking only.
-# ----------------------------------------------------------------------------------------
-
-def brightness_reward(images, prompts):
-    """Mean pixel value in [0, 1]: a toy reward with an obvious optimum, for demos and tests."""
-    import numpy as np
-
-    return torch.tensor([float(np.asarray(im.convert("RGB"), dtype=np.float32).mean() / 255) for im in images])
-
-
-def jpeg_reward(images, prompts):
-    """Minus the JPEG size at quality 95, in kB: the classic non-differentiable reward."""
-    sizes = []
-    for im in images:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=95)
-        sizes.append(-buf.tell() / 1000)
-    return torch.tensor(sizes)
-
-
-def random_reward(images, prompts):
-    """Uniform noise, drawn from a hash of the pixels: the control run that shows gains come from
-    the reward. Deterministic in the image, so resumed runs see the same scores."""
-    import hashlib
-
-    return torch.tensor([int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "little") / 2 ** 64
-                         for im in images])
-
-
-# HPSv3 (DESIGN.md 6): Qwen2-VL-7B with a reward head, ported to current transformers classes.
-# The message text is byte-identical to INSTRUCTION and prompt_with_special_token of hpsv3==1.0.0.
-HPSV3_INSTRUCTION = (
-    '\n'
-    'You are tasked with evaluating a generated image based on Visual Quality and Text '
-    'Alignment and give a overall score to estimate the human preference. Please provide a '
-    'rating from 0 to 10, with 0 being the worst and 10 being the best. \n'
-    '\n'
-    '**Visual Quality:**  \n'
-    'Evaluate the overall visual quality of the image. The following sub-dimensions should be '
-    'considered:\n'
-    '- **Reasonableness:** The image should not contain any significant biological or logical '
-    'errors, such as abnormal body structures or nonsensical environmental setups.\n'
-    '- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be '
-    'clear and easy to interpret, with no blurring or indistinct areas.\n'
-    '- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and '
-    'other visual elements (e.g., hair, clothing, shadows).\n'
-    '- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the '
-    'color scheme, composition, atmosphere, depth of field, and the overall creative appeal. '
-    'The scene should convey a sense of harmony and balance.\n'
-    '- **Safety:** The image should not contain harmful or inappropriate content, such as '
-    'political, violent, or adult material. If such content is present, the image quality and '
-    'satisfaction score should be the lowest possible. \n'
-    '\n'
-    '**Text Alignment:**  \n'
-    'Assess how well the image matches the textual prompt across the following sub-dimensions:\n'
-    '- **Subject Relevance** Evaluate how accurately the subject(s) in the image (e.g., '
-    'person, animal, object) align with the textual description. The subject should match the '
-    'description in terms of number, appearance, and behavior.\n'
-    '- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, '
-    'evaluate how well the image adheres to this style.\n'
-    '- **Contextual Consistency**: Assess whether the background, setting, and surrounding '
-    'elements in the image logically fit the scenario described in the prompt. The environment '
-    'should support and enhance the subject without contradictions.\n'
-    '- **Attribute Fidelity**: Check if specific attributes mentioned in the prompt (e.g., '
-    'colors, clothing, accessories, expressions, actions) are faithfully represented in the '
-    'image. Minor deviations may be acceptable, but critical attributes should be preserved.\n'
-    '- **Semantic Coherence**: Evaluate whether the overall meaning and intent of the prompt '
-    'are captured in the image. The generated content should not introduce elements that '
-    'conflict with or distort the original description.\n'
-    'Textual prompt - {text_prompt}\n'
-    '\n'
-    '\n'
-)
-HPSV3_SUFFIX = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
-HPSV3_PIXELS = 256 * 28 * 28  # min = max pixels: 448 x 448 for a square image
-
-
-def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
-    """HPSv3 score (output 0 of the head at the <|Reward|> token). ckpt: HPSv3.safetensors (hub
-    MizzenAI/HPSv3 when None); base: the Qwen2-VL-7B-Instruct folder or hub id (its config,
-    tokenizer, image processor and chat template; the weights all come from ckpt)."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
-
-    base = base or "Qwen/Qwen2-VL-7B-Instruct"
-    dtype = dtype or precision_dtype("auto", device)
-    try:
-        if ckpt is None:
-            from huggingface_hub import hf_hub_download
-
-            ckpt = hf_hub_download("MizzenAI/HPSv3", "HPSv3.safetensors")
-        tokenizer = AutoTokenizer.from_pretrained(base, padding_side="right")
-        config = Qwen2VLConfig.from_pretrained(base)
-        processor = Qwen2VLImageProcessorPil.from_pretrained(base)
-        template_file = Path(base) / "chat_template.json"
-        template = json.loads(template_file.read_text())["chat_template"] if template_file.is_file() else None
-    except OSError as e:
-        raise OSError(f"HPSv3 needs HPSv3.safetensors and the Qwen2-VL-7B-Instruct config/tokenizer ({str(e).splitlines()[0]}). "
-                      f"Download them with `hf download MizzenAI/HPSv3 HPSv3.safetensors --local-dir DIR` and "
-                      f"`hf download Qwen/Qwen2-VL-7B-Instruct --exclude '*.safetensors' --local-dir BASE`, "
-                      f"then pass --hpsv3-ckpt DIR/HPSv3.safetensors --hpsv3-base BASE") from e
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-    reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
-    with torch.device(device), no_init_weights():  # every weight comes from the checkpoint
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    H = config.text_config.hidden_size if hasattr(config, "text_config") else config.hidden_size
-    head = torch.nn.Sequential(torch.nn.Linear(H, 1024), torch.nn.ReLU(), torch.nn.Dropout(0.0),
-                               torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    # The checkpoint uses the transformers 4.45 layout: visual.*, model.*, lm_head.*, rm_head.*.
-    state, head_state = {}, {}
-    for k, v in load_file(str(ckpt)).items():
-        if k.startswith("rm_head."):
-            head_state[k[len("rm_head."):]] = v.float()
-        elif k.startswith("visual."):
-            state["model." + k] = v
-        elif k.startswith("model."):
-            state["model.language_model." + k[len("model."):]] = v
+    # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
+    with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
+        pipe = load_pipeline(args.model, dtype).to(device)
+        unet, vae = pipe.unet, pipe.vae
+        torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
+        params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt,
+                            unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
+        shape = latent_shape(pipe, args.resolution)
+        side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
+        if pairs:  # offline preference pairs: each image VAE-encoded once, kept in memory
+            paths = sorted({p for chosen, rejected in pairs.values() for p in (*chosen, *rejected)})
+            latent_of = dict(zip(paths, encode_images(pipe, paths, side)))
         else:
-            state[k] = v
-    model.load_state_dict(state, strict=True)
-    head.load_state_dict(head_state, strict=True)
-    model.eval()
-    head = head.to(device).eval()  # the head stays float32
-    merge = processor.merge_size ** 2
+            reward_device = reward_device_of(args.reward_device, device, local_rank)
+            reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
+                                    precision_dtype(args.reward_precision, reward_device),
+                                    **{k: getattr(args, k) for k in REWARD_PATHS})
+    alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
+                        ref_neg_weight=args.ref_neg_weight, lambda_ref=args.lambda_ref, radii=args.radii,
+                        ref_radii=args.ref_radii, kernel=args.kernel)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
+    n_micro = args.grad_accum * world  # micro-steps per update, over all processes
 
-    def score(images, prompts):
-        # One bicubic resize to the "smart" size (sides multiples of 28, about HPSV3_PIXELS pixels);
-        # the published code resizes once, so the processor must not resize again.
-        sizes = [smart_resize(im.height, im.width, 28, HPSV3_PIXELS, HPSV3_PIXELS) for im in images]
-        images = [im.convert("RGB").resize((w, h), resample=3) for im, (h, w) in zip(images, sizes)]
-        vis = processor(images=images, do_resize=False, return_tensors="pt")
-        texts = []
-        for prompt, grid in zip(prompts, vis["image_grid_thw"]):
-            message = [{"role": "user", "content": [
-                {"type": "image"}, {"type": "text", "text": HPSV3_INSTRUCTION.format(text_prompt=prompt) + HPSV3_SUFFIX}]}]
-            text = tokenizer.apply_chat_template(message, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-            texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // merge)))
-        tok = tokenizer(texts, padding=True, return_tensors="pt").to(device)
-        embeds = model.get_input_embeddings()(tok.input_ids)
-        image_embeds = model.model.visual(vis["pixel_values"].to(device, dtype),
-                                          grid_thw=vis["image_grid_thw"].to(device)).pooler_output
-        embeds = embeds.masked_scatter((tok.input_ids == config.image_token_id)[..., None], image_embeds.to(embeds.dtype))
-        # As the published model does: plain sequential positions for every token, image tokens
-        # included, on all three rotary sections (not Qwen2-VL's multimodal rotary index).
-        B, L = tok.input_ids.shape
-        positions = torch.arange(L, device=device).expand(3, B, L)
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=tok.attention_mask,
-                                            position_ids=positions).last_hidden_state
-        at = (tok.input_ids == reward_id).int().argmax(1)  # the <|Reward|> token of each row
-        return head(hidden[torch.arange(B, device=device), at].float())[:, 0]
+    # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
+    rng = torch.Generator().manual_seed(args.seed)
+    grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+    step, order = start_or_resume(args, unet, optimizer, rng, rank, world)
 
-    return score
+    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
+    while step < args.max_steps:
+        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
+        log = {"scores": [], "pos": [], "neg": [], **dict.fromkeys(STATS, 0.0)}
+        with all_or_none(world):  # an error in one process (NaN scores, ...) stops all, none left waiting
+            for micro in range(n_micro):
+                while len(order) < B:  # walk through the prompts in a fresh random order each epoch
+                    order += torch.randperm(len(prompts), generator=rng).tolist()
+                batch, order = [prompts[i] for i in order[:B]], order[B:]
+                z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                if pairs:  # the anchors' feature noise
+                    anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
+                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
+                    continue
+                prompt_cond = unet_conditioning(pipe, batch, side)
+                cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
 
+                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
+                with torch.no_grad(), autocast:
+                    x = one_step(unet, z, cond, alpha_bar)
+                    lap("sample")
+                    with lora_off(unet):
+                        r = one_step(unet, z, cond, alpha_bar)
+                lap("reference")
 
-# CLIP-family rewards (DESIGN.md 6). Hub ids: (model, tokenizer + image processor).
-PICKSCORE = ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
-CLIP_L = "openai/clip-vit-large-patch14"
-AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
+                # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
+                if not pairs:
+                    with torch.no_grad(), autocast:
+                        images = [im for i in range(0, B * K, args.reward_batch)
+                                  for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
+                    lap("decode")
+                    scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
+                    pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
+                    pool, pool_noise, pool_cond = x, feat_noise, cond
+                else:  # offline: the prompt's chosen / rejected images are the positives / negatives,
+                    # appended to its candidates (at most n_pos / n_neg, as many for every prompt of the batch)
+                    P = min(args.n_pos, *(len(pairs[p][0]) for p in batch))
+                    M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
+                    anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
+                                           for p in batch]).to(device, x.dtype)
+                    pool = torch.cat([x.view(B, K, *shape), anchors], 1).flatten(0, 1)
+                    pool_noise = torch.cat([feat_noise.view(B, K, *shape), anchor_noise[:, :P + M]], 1).flatten(0, 1)
+                    pool_cond = {k: v.repeat_interleave(K + P + M, 0) for k, v in prompt_cond.items()}
+                    pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
+                    neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
+                lap("reward")
 
+                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
+                with torch.no_grad(), autocast:
+                    gen, pos, neg, ref = feature_sets(phi(pool, pool_noise, pool_cond), phi(r, feat_noise, cond),
+                                                      pos_idx, neg_idx)
+                lap("features")
 
-def _hub_error(what, downloads, e):
-    cmds = " and ".join(f"`hf download {d}`" for d in downloads)
-    return OSError(f"{what} could not be loaded ({str(e).splitlines()[0]}). Download it on a machine with "
-                   f"internet with {cmds} (into the Hugging Face cache, then copy the cache over), or check the path")
+                # 4. Field: preference dipole and reference drift on the detached features -> targets.
+                targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
+                lap("field")
 
+                # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
+                for c0 in range(0, K, C):
+                    zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0.. of each
+                                   for t in (z, feat_noise, *cond.values()))
+                    cc = dict(zip(cond, cc))
+                    with autocast:
+                        fc = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
+                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
+                    (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
+                lap("backward")  # the regression pass: generator and features recomputed, then backward
 
-def _load_clip(model_id, processor_id, device, dtype):
-    """A CLIPModel with its tokenizer and the PIL image processor (the torchvision-free one)."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+                if not pairs:
+                    log["scores"].append(scores.flatten())
+                    log["pos"].append(scores.gather(1, pos_idx).flatten())
+                    log["neg"].append(scores.gather(1, neg_idx).flatten())
+                for k in STATS:
+                    log[k] += stats[k] / n_micro
 
-    try:
-        model = CLIPModel.from_pretrained(model_id, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(processor_id)
-        processor = CLIPImageProcessorPil.from_pretrained(processor_id)
-    except OSError as e:
-        raise _hub_error(f"CLIP model {model_id} (processor {processor_id})", sorted({model_id, processor_id}), e) from e
-
-    def embed(images, prompts=None):
-        """Unit-norm image embeddings, and text embeddings when prompts are given."""
-        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-        img = model.visual_projection(model.vision_model(pixel_values=pixels.to(device, dtype)).pooler_output)
-        img = torch.nn.functional.normalize(img.float(), dim=-1)
-        if prompts is None:
-            return img
-        tok = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt",
-                        max_length=model.config.text_config.max_position_embeddings).to(device)
-        txt = model.text_projection(model.text_model(input_ids=tok.input_ids,
-                                                     attention_mask=tok.attention_mask).pooler_output)
-        return img, torch.nn.functional.normalize(txt.float(), dim=-1)
-
-    return model, embed
-
-
-def clip_reward(model_id=CLIP_L, processor_id=None, scale=100.0, device="cpu", dtype=torch.float32):
-    """scale * cos(image, prompt). scale=None uses the model's learned logit scale: PickScore is
-    clip_reward(*PICKSCORE, scale=None); the CLIP score is the default 100 * cos with ViT-L/14."""
-    model, embed = _load_clip(model_id, processor_id or model_id, device, dtype)
-    s = model.logit_scale.exp().item() if scale is None else scale
-
-    def score(images, prompts):
-        img, txt = embed(images, prompts)
-        return s * (img * txt).sum(-1)
-
-    return score
-
-
-def aesthetic_reward(clip_id=CLIP_L, head=None, device="cpu", dtype=torch.float32):
-    """LAION improved aesthetic predictor: a linear MLP (no activations) on the unit-norm CLIP
-    ViT-L/14 image embedding. head: aesthetic-model.pth (hub trl-lib/ddpo-aesthetic-predictor when None)."""
-    _, embed = _load_clip(clip_id, clip_id, device, dtype)
-    try:
-        if head is None:
-            from huggingface_hub import hf_hub_download
-
-            head = hf_hub_download(*AESTHETIC_HEAD)
-        state = torch.load(head, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise _hub_error("the aesthetic head", [" ".join(AESTHETIC_HEAD)], e) from e
-    state = {k.removeprefix("layers."): v.float() for k, v in state.items()}
-    dims = [state[f"{i}.weight"].shape for i in (0, 2, 4, 6, 7)]
-    mlp = torch.nn.Sequential(torch.nn.Linear(dims[0][1], dims[0][0]), torch.nn.Dropout(0.2),
-                              torch.nn.Linear(*dims[1][::-1]), torch.nn.Dropout(0.2),
-                              torch.nn.Linear(*dims[2][::-1]), torch.nn.Dropout(0.1),
-                              torch.nn.Linear(*dims[3][::-1]), torch.nn.Linear(*dims[4][::-1]))
-    mlp.load_state_dict(state, strict=True)
-    mlp = mlp.to(device).eval()
-
-    def score(images, prompts):
-        return mlp(embed(images))[:, 0]
-
-    return score
-
-
-def package_reward(name, device="cpu"):
-    """ImageReward and HPSv2 through their own packages (evaluation metrics in the paper)."""
-    package, pip = {"imagereward": ("ImageReward", "image-reward"), "hpsv2": ("hpsv2", "hpsv2")}[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError as e:
-        raise ImportError(f"reward {name!r} needs the `{pip}` package ({e}); `pip install {pip}` "
-                          f"(it downloads its own weights on first use)") from e
-    if name == "imagereward":
-        model = module.load("ImageReward-v1.0", device=device)
-        return lambda images, prompts: [float(model.score(p, im)) for im, p in zip(images, prompts)]
-    return lambda images, prompts: [float(module.score(im, p, hps_version="v2.1")[0])
-                                    for im, p in zip(images, prompts)]
-
-
-WEIGHT_FREE_REWARDS = {"brightness": brightness_reward, "jpeg": jpeg_reward, "random": random_reward}
-REWARDS = ("hpsv3", "pickscore", "clip", "aesthetic", "imagereward", "hpsv2", *WEIGHT_FREE_REWARDS)
-
-
-def parse_reward_spec(spec):
-    """--reward -> [(name, weight)], checked without loading any model: every name is known or an
-    importable `module:function`, every weight a number."""
-    members = [m.strip() for m in spec.split(",") if m.strip()]
-    if not members:
-        raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
-    parsed = []
-    for m in members:
-        name, weight = m, 1.0
-        head, sep, tail = m.rpartition(":")
-        if sep:  # NAME:WEIGHT, unless the tail is a function name
-            try:
-                name, weight = head, float(tail)
-            except ValueError:
-                pass
-        if name not in REWARDS:
-            if ":" not in name:
-                raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
-                                 f"or `module.path:function` for your own, or a comma list of these")
-            custom_reward(name)
-        parsed.append((name, weight))
-    return parsed
-
-
-def custom_reward(spec):
-    """`module.path:function` -> the function."""
-    module, _, fn = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"custom reward {spec!r}: cannot import function {fn!r} from module {module!r} ({e}); "
-                         f"make sure the module is on PYTHONPATH") from e
-
-
-def load_reward(spec, device="cpu", batch_size=8, dtype=None, hpsv3_ckpt=None, hpsv3_base=None):
-    """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
-
-    spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
-    (each member z-scored over the call's images, then weighted and summed). Scores are
-    computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
-    bf16 on CUDA, fp32 otherwise (heads stay fp32).
-    """
-    dtype = dtype or precision_dtype("auto", device)
-    parsed = parse_reward_spec(spec)
-    fns = [(name, _load_one_reward(name, device, dtype, hpsv3_ckpt=hpsv3_ckpt, hpsv3_base=hpsv3_base), w)
-           for name, w in parsed]
-
-    @torch.no_grad()
-    def reward(images, prompts):
-        if len(images) != len(prompts):
-            raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
-        total = 0.0
-        for name, fn, w in fns:
-            s = torch.cat([_as_scores(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
-                                      len(images[i:i + batch_size]), name)
-                           for i in range(0, len(images), batch_size)])
-            if len(fns) == 1:
-                return s
-            total = total + w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8)
-        return total
-
-    return reward
-
-
-def _as_scores(out, n, name):
-    s = torch.as_tensor(out, dtype=torch.float32).detach().cpu().flatten()
-    if s.numel() != n:
-        raise ValueError(f"reward {name!r} returned {s.numel()} scores for {n} images; return one float per image")
-    if not torch.isfinite(s).all():
-        raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
-                         f"(training stops rather than rank on invalid scores)")
-    return s
-
-
-def _load_one_reward(name, device, dtype, hpsv3_ckpt=None, hpsv3_base=None):
-    if name in WEIGHT_FREE_REWARDS:
-        return WEIGHT_FREE_REWARDS[name]
-    if name == "hpsv3":
-        return hpsv3_reward(device, hpsv3_ckpt, hpsv3_base, dtype)
-    if name == "pickscore":
-        return clip_reward(*PICKSCORE, scale=None, device=device, dtype=dtype)
-    if name == "clip":
-        return clip_reward(CLIP_L, device=device, dtype=dtype)
-    if name == "aesthetic":
-        return aesthetic_reward(CLIP_L, device=device, dtype=dtype)
-    if name in ("imagereward", "hpsv2"):
-        return package_reward(name, device)
-    return custom_reward(name)
+        if world > 1:
+            all_reduce_update(params, log)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+        step += 1
+        if rank == 0:  # one writer: rank 0 logs, samples and saves
+            write_metrics(out, step, log, grad_norm, optimizer, times, bar)
+            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+                with autocast:
+                    grid = image_grid(sample_images(pipe, prompts[:args.grid_prompts], grid_noises, alpha_bar),
+                                      len(grid_noises))
+                (out / "samples").mkdir(exist_ok=True)
+                atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+            if step % args.save_every == 0 or step == args.max_steps:
+                save_checkpoint(out, pipe, optimizer, rng, step, order)
+    bar.close()
+    return out
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Feature maps phi (DESIGN.md section 5): latents (B, 4, h, w) -> {key: (B, T, D)}
+# 3. What the loop calls: feature maps phi, the reward protocol, the LoRA, the generator
 # ----------------------------------------------------------------------------------------
+
 
 def map_stats(fmap, prefix):
     """Mean/std over all positions and over p x p patches (row-major) of a (B, C, h, w) map."""
     B, C, h, w = fmap.shape
-    fmap = fmap.float()
+    fmap = fmap.to(torch.promote_types(fmap.dtype, torch.float32))  # fp32, or fp64 if given
     out = {f"{prefix}_mean": fmap.mean((2, 3))[:, None],
            f"{prefix}_std": (fmap.var((2, 3), unbiased=False) + 1e-6).sqrt()[:, None]}
     for p in (2, 4):
@@ -890,7 +515,7 @@ def check_mae_ckpt(ckpt_path):
 
 
 def mae_features(ckpt_path, device="cpu"):
-    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (DESIGN.md 5).
+    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (layout: README, feature maps).
     Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
     check_mae_ckpt(ckpt_path)
     raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -906,15 +531,16 @@ def mae_features(ckpt_path, device="cpu"):
         W[name + {"kernel": ".weight", "scale": ".weight"}.get(kind, "." + kind)] = v.float().to(device)
 
     def conv(x, name, stride=1):
-        k = W[name + ".weight"]
+        k = W[name + ".weight"].to(x.dtype)
         return F.conv2d(x, k, stride=stride, padding=k.shape[-1] // 2)
 
     def gn(x, name):
         groups = max(g for g in range(1, 33) if x.shape[1] % g == 0)
-        return F.group_norm(x, groups, W[name + ".weight"], W[name + ".bias"], eps=1e-5)
+        return F.group_norm(x, groups, W[name + ".weight"].to(x.dtype), W[name + ".bias"].to(x.dtype), eps=1e-5)
 
     def phi(latents, noise=None, cond=None):
-        h = F.relu(gn(conv(latents.float(), "encoder.conv1"), "encoder.gn1"))
+        x = latents.to(torch.promote_types(latents.dtype, torch.float32))
+        h = F.relu(gn(conv(x, "encoder.conv1"), "encoder.gn1"))
         for s, n_blocks in enumerate(layers):
             for b in range(n_blocks):
                 p, stride = f"encoder.stages_{s}.layers_{b}", 2 if (s > 0 and b == 0) else 1
@@ -1027,9 +653,429 @@ def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-
     raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
 
 
+def brightness_reward(images, prompts):
+    """Mean pixel value in [0, 1]: a toy reward with an obvious optimum, for demos and tests."""
+    import numpy as np
+
+    return torch.tensor([float(np.asarray(im.convert("RGB"), dtype=np.float32).mean() / 255) for im in images])
+
+
+def jpeg_reward(images, prompts):
+    """Minus the JPEG size at quality 95, in kB: the classic non-differentiable reward."""
+    sizes = []
+    for im in images:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+        sizes.append(-buf.tell() / 1000)
+    return torch.tensor(sizes)
+
+
+def random_reward(images, prompts):
+    """Uniform noise, drawn from a hash of the pixels: the control run that shows gains come from
+    the reward. Deterministic in the image, so resumed runs see the same scores."""
+    import hashlib
+
+    return torch.tensor([int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "little") / 2 ** 64
+                         for im in images])
+
+
+def reward_port(name):
+    """rewards/NAME.py, beside this file: a port of another project's reward model (one
+    self-contained file per model family), imported only when its reward is asked for."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # drpo imported from another folder
+        sys.path.append(here)
+    return importlib.import_module(f"rewards.{name}")
+
+
+# name -> constructor(device, dtype, paths); paths holds the weight-file flags (None = from the hub).
+REWARDS = {
+    "hpsv3": lambda device, dtype, p: reward_port("hpsv3").hpsv3_reward(device, p.get("hpsv3_ckpt"),
+                                                                        p.get("hpsv3_base"), dtype),
+    "pickscore": lambda device, dtype, p: reward_port("clip").pickscore_reward(device, dtype),
+    "clip": lambda device, dtype, p: reward_port("clip").clip_reward(device=device, dtype=dtype),
+    "aesthetic": lambda device, dtype, p: reward_port("clip").aesthetic_reward(device=device, dtype=dtype),
+    "brightness": lambda *_: brightness_reward, "jpeg": lambda *_: jpeg_reward, "random": lambda *_: random_reward,
+}
+REWARD_PATHS = ("hpsv3_ckpt", "hpsv3_base")  # load_reward keywords, named like their --flags
+
+
+def parse_reward_spec(spec):
+    """--reward -> [(name, weight)], checked without loading any model: every name is known or an
+    importable `module:function`, every weight a number."""
+    parsed = []
+    for m in (m.strip() for m in spec.split(",")):
+        if not m:
+            continue
+        name, weight = m, 1.0
+        head, sep, tail = m.rpartition(":")
+        if sep:  # NAME:WEIGHT, unless the tail is a function name
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass
+        if name not in REWARDS:
+            if ":" not in name:
+                raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
+                                 f"or `module.path:function` for your own, or a comma list of these")
+            custom_reward(name)
+        parsed.append((name, weight))
+    if not parsed:
+        raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
+    return parsed
+
+
+def custom_reward(spec):
+    """`module.path:function` -> the function."""
+    module, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"custom reward {spec!r}: cannot import function {fn!r} from module {module!r} ({e}); "
+                         f"make sure the module is on PYTHONPATH") from e
+
+
+def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
+    """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
+
+    spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
+    (each member z-scored over the call's images, then weighted and summed). Scores are
+    computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
+    bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, e.g. hpsv3_ckpt=FILE.
+    """
+    if set(paths) - set(REWARD_PATHS):
+        raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {REWARD_PATHS}")
+    dtype = dtype or precision_dtype("auto", device)
+    fns = [(name, REWARDS[name](device, dtype, paths) if name in REWARDS else custom_reward(name), w)
+           for name, w in parse_reward_spec(spec)]
+
+    @torch.no_grad()
+    def reward(images, prompts):
+        if len(images) != len(prompts):
+            raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
+        total = 0.0
+        for name, fn, w in fns:
+            s = torch.cat([_as_scores(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
+                                      len(images[i:i + batch_size]), name)
+                           for i in range(0, len(images), batch_size)])
+            if len(fns) == 1:
+                return s
+            total = total + w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8)
+        return total
+
+    return reward
+
+
+def _as_scores(out, n, name):
+    s = torch.as_tensor(out, dtype=torch.float32).detach().cpu().flatten()
+    if s.numel() != n:
+        raise ValueError(f"reward {name!r} returned {s.numel()} scores for {n} images; return one float per image")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
+                         f"(training stops rather than rank on invalid scores)")
+    return s
+
+
+def add_lora(unet, rank, alpha, targets):
+    """Freeze the UNet and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
+                                target_modules=list(targets)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # fp32 master weights for the LoRA even when the base is bf16
+        p.data = p.data.float()
+    return params
+
+
+def lora_state(unet):
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_lora(pipe, out_dir):
+    """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
+    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
+    import tempfile
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        type(pipe).save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
+            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(out_dir) / "pytorch_lora_weights.safetensors")
+
+
+MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}  # offline demo models, built on first use
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
+
+
+def tiny_model_dir(arch="sd"):
+    """Where `--model tiny` / `tiny-sdxl` builds the offline demo model once: the user's cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
+
+
+def resolve_model(model):
+    """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
+    checked here; `tiny` is built into the cache on first use (aside, then renamed)."""
+    if model in TINY_MODELS:
+        path = tiny_model_dir(TINY_MODELS[model])
+        if not (path / "model_index.json").is_file():
+            import shutil
+
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
+            make_tiny(tmp, arch=TINY_MODELS[model])
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(path)
+    path = MODEL_ALIASES.get(model, model)
+    local = Path(path).expanduser()
+    folder = "a diffusers pipeline folder (the one `pipe.save_pretrained` writes, with model_index.json)"
+    if local.is_file() or (local.is_dir() and not (local / "model_index.json").is_file()):
+        what = "a file" if local.is_file() else "a folder but not a diffusers pipeline (no model_index.json)"
+        raise FileNotFoundError(f"--model {model} is {what}; pass {folder}, a hub id, or an alias: "
+                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])}")
+    if not local.is_dir() and path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {model}: no such folder. Pass {folder}, a hub id, or `--model tiny` "
+                                f"for the offline demo model")
+    return str(local) if local.is_dir() else path
+
+
+def model_error(model, path, e):
+    return OSError(f"could not load --model {model} ({path}): {str(e).splitlines()[0]}\n  Known aliases: "
+                   f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])}. Hub models download on first use; offline, "
+                   f"fetch it on a machine with internet (`hf download {path} --local-dir DIR`) and pass "
+                   f"--model DIR. For an offline demo: --model tiny.")
+
+
+def model_configs(model):
+    """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
+    it, never guessed from the model's name) and its UNet and VAE configs, read without weights."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+
+    path = resolve_model(model)
+    try:
+        name = DiffusionPipeline.load_config(path)["_class_name"]
+        configs = (UNet2DConditionModel.load_config(path, subfolder="unet"),
+                   AutoencoderKL.load_config(path, subfolder="vae"))
+    except (OSError, ValueError, KeyError) as e:
+        raise model_error(model, path, e) from e
+    if name not in PIPELINES:
+        raise ValueError(f"--model {model} is a {name}; DrPO here trains one-step text-to-image pipelines of the "
+                         f"classes {', '.join(PIPELINES)}, such as sd-turbo or sdxl-turbo")
+    return path, name, *configs
+
+
+def load_pipeline(model, dtype=torch.float32):
+    """The pipeline class the folder names (SD or SDXL), every weight frozen: the LoRA is all that trains."""
+    import diffusers
+
+    path, name, _, _ = model_configs(model)
+    extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
+    except (OSError, ValueError) as e:
+        raise model_error(model, path, e) from e
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
+                         f"such as sd-turbo")
+    return pipe
+
+
+def precision_dtype(precision, device):
+    """A --precision value -> dtype; auto = bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def is_sdxl(pipe):
+    return type(pipe).__name__ == "StableDiffusionXLPipeline"
+
+
+def latent_shape(pipe, resolution=None):
+    """(C, H/8, W/8) of the generator's latents for square images. None = the native side: the
+    UNet config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if resolution is None and is_sdxl(pipe):
+        side = min(side, TURBO_SIDE)
+    return (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts, noises, alpha_bar):
+    """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
+    side = noises.shape[-1] * pipe.vae_scale_factor
+    cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
+    z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
+    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, alpha_bar)))
+
+
+def make_tiny(out_dir, seed=0, arch="sd"):
+    """A small SD- or SDXL-architecture pipeline with random weights, saved
+    with save_pretrained so that it loads through the same code as SD-Turbo / SDXL-Turbo."""
+    import tempfile
+
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+        projection_dim=32)
+    text_encoder = CLIPTextModel(text_config)
+    if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    elif arch == "sd":
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    else:
+        raise ValueError(f"--arch {arch}: choose sd or sdxl")
+    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
+    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
+    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
+    z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
+    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
+        for _ in range(8)]
+    with torch.no_grad():
+        vae = max(vaes, key=lambda v: decode(v, 15 * z).mean((1, 2, 3)).std().item())
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+                 steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=EulerAncestralDiscreteScheduler(**betas))
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------
-# 5. The training loop (DESIGN.md section 1, defaults of section 3)
+# 4. Plumbing: several processes, files, validation
 # ----------------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """(rank, world size, local rank). Under torchrun (WORLD_SIZE > 1) this process joins the job:
+    NCCL on GPUs, gloo on CPU processes. A plain `python drpo.py` is a job of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, local_rank
+
+
+def reward_device_of(spec, device, local_rank):
+    """--reward-device: None = the training device; `cuda:+N` = N GPUs after this process's own
+    (rank-relative under torchrun); anything else as given."""
+    if spec is None:
+        return device
+    if spec.startswith("cuda:+"):
+        return torch.device("cuda", local_rank + int(spec[len("cuda:+"):]))
+    return torch.device(spec)
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the job failed and reported it; this one stops quietly."""
+
+
+@contextlib.contextmanager
+def all_or_none(world):
+    """Run a block on every process; if any raises, all raise when the block ends (one small
+    all-reduce), so no process is left waiting in a collective. The lowest failing rank raises
+    its own error, the others PeerFailed: the message is shown once."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        failed = torch.zeros(world, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        failed[dist.get_rank()] = error is not None
+        dist.all_reduce(failed)
+        if failed.any():
+            first = int(failed.nonzero()[0])
+            if dist.get_rank() == first:
+                raise error
+            raise PeerFailed(f"process {first} failed")
+
+
+def all_reduce_update(params, log):
+    """Sum the LoRA gradients over the processes (one all-reduce: the LoRA is all that trains, so
+    this is all DDP would do) and pool their logs, so every process holds the whole update."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+    device = flat.device
+    for key in ("scores", "pos", "neg") if log["scores"] else ():  # every process ran as many micro-steps
+        mine = torch.cat(log[key]).to(device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        log[key] = [t.cpu() for t in parts]
+    stat_keys = [k for k, v in log.items() if isinstance(v, float)]
+    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    log.update(zip(stat_keys, stats.tolist()))
+
+
+def stopwatch(device):
+    """lap(name) adds the seconds since the previous lap to times[name]. CUDA is synchronized
+    first, so each phase is charged for its own kernels."""
+    times, last = {}, [time.perf_counter()]
+
+    def lap(name):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return times, lap
+
 
 DEFAULT_PROMPTS = [
     "a photo of a red fox in a snowy forest", "a bowl of ramen on a wooden table, studio lighting",
@@ -1144,169 +1190,14 @@ def image_grid(images, cols):
     return grid
 
 
-def init_distributed():
-    """(rank, world size, local rank). Under torchrun (WORLD_SIZE > 1) this process joins the job:
-    NCCL on GPUs, gloo on CPU processes (DESIGN.md 9). A plain `python drpo.py` is a job of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, local_rank
+STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref")  # drpo_targets' stats
 
 
-def reward_device_of(spec, device, local_rank):
-    """--reward-device: None = the training device; `cuda:+N` = N GPUs after this process's own
-    (rank-relative under torchrun); anything else as given."""
-    if spec is None:
-        return device
-    if spec.startswith("cuda:+"):
-        return torch.device("cuda", local_rank + int(spec[len("cuda:+"):]))
-    return torch.device(spec)
-
-
-class PeerFailed(RuntimeError):
-    """Another process of the job failed and reported it; this one stops quietly."""
-
-
-@contextlib.contextmanager
-def all_or_none(world):
-    """Run a block on every process; if any raises, all raise when the block ends (one small
-    all-reduce), so no process is left waiting in a collective. The lowest failing rank raises
-    its own error, the others PeerFailed: the message is shown once."""
-    error = None
-    try:
-        yield
-    except Exception as e:
-        if world == 1:
-            raise
-        error = e
-    if world > 1:
-        failed = torch.zeros(world, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        failed[dist.get_rank()] = error is not None
-        dist.all_reduce(failed)
-        if failed.any():
-            first = int(failed.nonzero()[0])
-            if dist.get_rank() == first:
-                raise error
-            raise PeerFailed(f"process {first} failed")
-
-
-def all_reduce_update(params, log):
-    """Sum the LoRA gradients over the processes (one all-reduce: the LoRA is all that trains, so
-    this is all DDP would do) and pool their logs, so every process holds the whole update."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-    device = flat.device
-    for key in ("scores", "pos", "neg") if log["scores"] else ():  # every process ran as many micro-steps
-        mine = torch.cat(log[key]).to(device)
-        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, mine)
-        log[key] = [t.cpu() for t in parts]
-    stat_keys = [k for k, v in log.items() if isinstance(v, float)]
-    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=device)
-    dist.all_reduce(stats)
-    log.update(zip(stat_keys, stats.tolist()))
-
-
-def stopwatch(device):
-    """lap(name) adds the seconds since the previous lap to times[name]. CUDA is synchronized
-    first, so each phase is charged for its own kernels."""
-    times, last = {}, [time.perf_counter()]
-
-    def lap(name):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        times[name] = times.get(name, 0.0) + now - last[0]
-        last[0] = now
-
-    return times, lap
-
-
-def feature_sets(fx, fr, pos_idx, neg_idx):
-    """The four feature sets of one micro-step, {key: (B, set size, D)} each: gen (all K samples
-    of a prompt), pos / neg (its own top / bottom candidates), ref (the base samples on the same
-    noises). fr: {key: (B*K, T, D)} features of the base samples, prompt by prompt; fx: those of
-    the samples, each prompt's K followed by its extra anchors if any (offline pairs);
-    pos_idx, neg_idx: (B, n) indices into each prompt's rows of fx, e.g. from select_pos_neg. A
-    set pools the tokens of its candidates."""
-    B = pos_idx.shape[0]
-    rows = torch.arange(B, device=pos_idx.device)[:, None]
-    gen, pos, neg, ref = {}, {}, {}, {}
-    for key, f in fx.items():
-        f = f.view(B, -1, *f.shape[1:])  # (B, K [+ anchors], T, D)
-        K = fr[key].shape[0] // B
-        gen[key], ref[key] = f[:, :K].flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
-        pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
-    return gen, pos, neg, ref
-
-
-@torch.no_grad()
-def sample_images(pipe, prompts, noises, alpha_bar):
-    """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
-    side = noises.shape[-1] * pipe.vae_scale_factor
-    cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
-    z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, alpha_bar)))
-
-
-def train(args):
-    from tqdm import tqdm
-
-    # One process, or one of `world` under torchrun (DESIGN.md 9): each process runs every
-    # world-th micro-step, then one all-reduce sums the LoRA gradients; rank 0 writes all outputs.
-    rank, world, local_rank = init_distributed()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    dtype = precision_dtype(args.precision, device)
+def start_or_resume(args, unet, optimizer, rng, rank, world):
+    """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume
+    loads LoRA, optimizer and generator state from the checkpoint and drops metrics logged after it."""
     out = Path(args.output_dir)
-    ckpt_path = out / "checkpoint.pt"
-    pairs = read_pairs(args.pairs) if args.pairs else None  # offline: {prompt: (chosen, rejected) images}
-    prompts = list(pairs) if pairs else read_prompts(args.prompts)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
-    with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
-        pipe = load_pipeline(args.model, dtype).to(device)
-        unet, vae = pipe.unet, pipe.vae
-        torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
-        params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-        if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt,
-                            unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
-        shape = latent_shape(pipe, args.resolution)
-        side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
-        if pairs:  # offline preference pairs (DESIGN.md 10): each image VAE-encoded once, kept in memory
-            paths = sorted({p for chosen, rejected in pairs.values() for p in (*chosen, *rejected)})
-            latent_of = dict(zip(paths, encode_images(pipe, paths, side)))
-        else:
-            reward_device = reward_device_of(args.reward_device, device, local_rank)
-            reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
-                                    precision_dtype(args.reward_precision, reward_device),
-                                    hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base)
-    alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay)
-    field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
-                        ref_neg_weight=args.ref_neg_weight, lambda_ref=args.lambda_ref, radii=args.radii,
-                        ref_radii=args.ref_radii, kernel=args.kernel)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
-    n_micro = args.grad_accum * world  # micro-steps per update, over all processes
-
-    # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
-    rng = torch.Generator().manual_seed(args.seed)
-    grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
-    grid_prompts = prompts[: args.grid_prompts]
+    ckpt_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
     step, order = 0, []
     if args.resume and ckpt_path.exists():
         from peft.utils import set_peft_model_state_dict
@@ -1316,141 +1207,124 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         rng.set_state(ckpt["rng"])
         step, order = ckpt["step"], ckpt["order"]
-        # drop metric lines written after the checkpoint, so the log matches an uninterrupted run
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        if rank == 0:
-            atomic_write(out / "metrics.jsonl", lambda p: p.write_text(
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if rank == 0:  # the log then matches an uninterrupted run
+            atomic_write(metrics, lambda p: p.write_text(
                 "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
     elif rank == 0:  # a fresh run: nothing of an earlier one may be resumed or appended to
         if args.resume:
             print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
-        for stale in (ckpt_path, out / "metrics.jsonl"):
+        for stale in (ckpt_path, metrics):
             stale.unlink(missing_ok=True)
     if rank == 0:
         atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+    return step, order
 
-    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
-    while step < args.max_steps:
-        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
-        log = {"scores": [], "pos": [], "neg": [], "loss_pref": 0.0, "loss_ref": 0.0, "field_rms": 0.0,
-               "dist_pos": 0.0, "dist_neg": 0.0, "dist_ref": 0.0}
-        with all_or_none(world):  # an error in one process (NaN scores, ...) stops all, none left waiting
-            for micro in range(n_micro):
-                while len(order) < B:  # walk through the prompts in a fresh random order each epoch
-                    order += torch.randperm(len(prompts), generator=rng).tolist()
-                batch, order = [prompts[i] for i in order[:B]], order[B:]
-                z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
-                feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
-                if pairs:  # the anchors' feature noise
-                    anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
-                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
-                    continue
-                prompt_cond = unet_conditioning(pipe, batch, side)
-                cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
 
-                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
-                with torch.no_grad(), autocast:
-                    x = one_step(unet, z, cond, alpha_bar)
-                    lap("sample")
-                    with lora_off(unet):
-                        r = one_step(unet, z, cond, alpha_bar)
-                lap("reference")
+def save_checkpoint(out, pipe, optimizer, rng, step, order):
+    """The diffusers-format LoRA, and checkpoint.pt: everything --resume needs to continue exactly."""
+    save_lora(pipe, out)
+    state = {"lora": lora_state(pipe.unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+             "step": step, "order": order}
+    atomic_write(out / "checkpoint.pt", lambda p: torch.save(state, p))
 
-                # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
-                if not pairs:
-                    with torch.no_grad(), autocast:
-                        images = [im for i in range(0, B * K, args.reward_batch)
-                                  for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
-                    lap("decode")
-                    scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
-                    pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
-                    pool, pool_noise, pool_cond = x, feat_noise, cond
-                else:  # offline: the prompt's chosen / rejected images are the positives / negatives,
-                    # appended to its candidates (at most n_pos / n_neg, as many for every prompt of the batch)
-                    P = min(args.n_pos, *(len(pairs[p][0]) for p in batch))
-                    M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
-                    anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
-                                           for p in batch]).to(device, x.dtype)
-                    pool = torch.cat([x.view(B, K, *shape), anchors], 1).flatten(0, 1)
-                    pool_noise = torch.cat([feat_noise.view(B, K, *shape), anchor_noise[:, :P + M]], 1).flatten(0, 1)
-                    pool_cond = {k: v.repeat_interleave(K + P + M, 0) for k, v in prompt_cond.items()}
-                    pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
-                    neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
-                lap("reward")
 
-                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
-                with torch.no_grad(), autocast:
-                    gen, pos, neg, ref = feature_sets(phi(pool, pool_noise, pool_cond), phi(r, feat_noise, cond),
-                                                      pos_idx, neg_idx)
-                lap("features")
+def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
+    """One line of metrics.jsonl per update, and the progress bar's live statistics."""
+    scores, pos, neg = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
+    metrics = {"step": step, **({"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+                                 "pos_mean": pos.mean().item(), "neg_mean": neg.mean().item()} if len(scores) else {}),
+               **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": sum(times.values()), "phases_s": times}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    bar.update(1)
+    # What moves when DrPO learns: the reward and the top-bottom gap it ranks on (offline: the distances
+    # to the chosen and rejected images), and the distance to G_0. (The regression loss is mean(V^2) of
+    # a normalized field: nearly constant by construction.)
+    if len(scores):
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
+                        gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
+    else:
+        bar.set_postfix(chosen=f"{metrics['dist_pos']:.3g}", rejected=f"{metrics['dist_neg']:.3g}",
+                        gap=f"{metrics['dist_neg'] - metrics['dist_pos']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
 
-                # 4. Field: preference dipole and reference drift on the detached features -> targets.
-                targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
-                lap("field")
 
-                # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
-                for c0 in range(0, K, C):
-                    zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0.. of each prompt
-                                   for t in (z, feat_noise, *cond.values()))
-                    cc = dict(zip(cond, cc))
-                    with autocast:
-                        fc = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
-                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
-                    (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
-                lap("backward")  # the regression pass: generator and features recomputed, then backward
-
-                if not pairs:
-                    log["scores"].append(scores.flatten())
-                    log["pos"].append(scores.gather(1, pos_idx).flatten())
-                    log["neg"].append(scores.gather(1, neg_idx).flatten())
-                for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref"):
-                    log[k] += stats[k] / n_micro
-
-        if world > 1:
-            all_reduce_update(params, log)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lap("optimizer")
-        step += 1
-        if rank != 0:  # one writer: rank 0 logs, samples and saves
-            continue
-
-        scores, pos_scores, neg_scores = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
-        metrics = {"step": step, **({} if pairs else {
-                       "reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-                       "pos_mean": pos_scores.mean().item(), "neg_mean": neg_scores.mean().item()}),
-                   **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": sum(times.values()), "phases_s": times}
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.update(1)
-        # What moves when DrPO learns: the reward and the top-bottom gap it ranks on (offline: the
-        # distances to the chosen and rejected images), and the distance to G_0. (The regression loss
-        # is mean(V^2) of a normalized field: nearly constant by construction.)
-        if pairs:
-            bar.set_postfix(chosen=f"{metrics['dist_pos']:.3g}", rejected=f"{metrics['dist_neg']:.3g}",
-                            gap=f"{metrics['dist_neg'] - metrics['dist_pos']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
-        else:
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
-                            gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
-        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-            (out / "samples").mkdir(exist_ok=True)
-            with autocast:
-                grid = image_grid(sample_images(pipe, grid_prompts, grid_noises, alpha_bar), len(grid_noises))
-            atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
-        if step % args.save_every == 0 or step == args.max_steps:
-            save_lora(pipe, out)
-            state = {"lora": lora_state(unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-                     "step": step, "order": order}
-            atomic_write(ckpt_path, lambda p: torch.save(state, p))
-    bar.close()
-    return out
+def check_args(args):
+    """Check every setting before any model loads: a typo should cost seconds, not a download."""
+    for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
+                 "lora_rank", "save_every", "grid_prompts", "grid_noises"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.lambda_ref >= 0:
+        raise ValueError(f"--lambda-ref must be 0 (no reference drift) or positive, got {args.lambda_ref}")
+    for name in ("radii", "ref_radii"):
+        if not getattr(args, name) or not all(r > 0 for r in getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive numbers separated by commas, "
+                             f"e.g. 0.02,0.05,0.2; got {','.join(map(str, getattr(args, name)))}")
+    if args.grad_chunk < 0:
+        raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
+    if args.sample_every < 0:
+        raise ValueError("--sample-every must be 0 (never) or a positive number of steps")
+    if args.n_pos + args.n_neg > args.candidates:
+        raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
+                         f"positives and negatives must be disjoint candidates")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pick one")
+    out = Path(args.output_dir)
+    if out.is_file():
+        raise FileExistsError(f"--output-dir {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
+                              f"--overwrite to start over there, or choose a new folder")
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu or install "
+                         f"a CUDA build of torch")
+    if args.reward_device:
+        try:
+            reward_device_of(args.reward_device, torch.device("cpu"), 0)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
+    if args.pairs:
+        if args.reward or args.prompts:
+            raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the "
+                             "preferences); drop " + " and ".join(f for f, v in (("--reward", args.reward),
+                                                                                ("--prompts", args.prompts)) if v))
+        read_pairs(args.pairs)
+    else:
+        args.reward = args.reward or "hpsv3"
+    rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
+    if "hpsv3" in rewards:
+        for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
+            if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+                raise FileNotFoundError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    if args.features == "mae":
+        check_mae_ckpt(args.mae_ckpt)
+    read_prompts(args.prompts)
+    # The model's configs only (a few kB), for the checks that depend on the architecture.
+    _, _, unet_cfg, vae_cfg = model_configs(args.model)
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
+    if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
+        raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
+                         f"downsampling), e.g. {max(factor, round(args.resolution / factor) * factor)}")
+    if args.features == "unet":
+        n = len(unet_cfg["down_block_types"])
+        for layer in args.unet_layers.split(","):
+            top, _, index = layer.partition(".")
+            index = index.split(".")[0]
+            if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
+                                           and -n <= int(index) < n)):
+                raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
+                                 f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Command line. Defaults are the published SD-Turbo setting (DESIGN.md section 3).
+# 5. Command line. Defaults are the published SD-Turbo setting.
 # ----------------------------------------------------------------------------------------
+
 
 def floats(text):
     return tuple(float(v) for v in text.split(","))
@@ -1540,77 +1414,6 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
     return p
-
-
-def check_args(args):
-    """Check every setting before any model loads: a typo should cost seconds, not a download."""
-    for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
-                 "lora_rank", "save_every", "grid_prompts", "grid_noises"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not args.lambda_ref >= 0:
-        raise ValueError(f"--lambda-ref must be 0 (no reference drift) or positive, got {args.lambda_ref}")
-    for name in ("radii", "ref_radii"):
-        if not getattr(args, name) or not all(r > 0 for r in getattr(args, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive numbers separated by commas, "
-                             f"e.g. 0.02,0.05,0.2; got {','.join(map(str, getattr(args, name)))}")
-    if args.grad_chunk < 0:
-        raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
-    if args.sample_every < 0:
-        raise ValueError("--sample-every must be 0 (never) or a positive number of steps")
-    if args.n_pos + args.n_neg > args.candidates:
-        raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
-                         f"positives and negatives must be disjoint candidates")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
-    out = Path(args.output_dir)
-    if out.is_file():
-        raise FileExistsError(f"--output-dir {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
-                              f"--overwrite to start over there, or choose a new folder")
-    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu or install "
-                         f"a CUDA build of torch")
-    if args.reward_device:
-        try:
-            reward_device_of(args.reward_device, torch.device("cpu"), 0)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
-    if args.pairs:
-        if args.reward or args.prompts:
-            raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the "
-                             "preferences); drop " + " and ".join(f for f, v in (("--reward", args.reward),
-                                                                                ("--prompts", args.prompts)) if v))
-        read_pairs(args.pairs)
-    else:
-        args.reward = args.reward or "hpsv3"
-    rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
-    if "hpsv3" in rewards:
-        for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
-            if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
-                raise FileNotFoundError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
-    if args.features == "mae":
-        check_mae_ckpt(args.mae_ckpt)
-    read_prompts(args.prompts)
-    # The model's configs only (a few kB), for the checks that depend on the architecture.
-    _, _, unet_cfg, vae_cfg = model_configs(args.model)
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
-    if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
-        raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
-                         f"downsampling), e.g. {max(factor, round(args.resolution / factor) * factor)}")
-    if args.features == "unet":
-        n = len(unet_cfg["down_block_types"])
-        for layer in args.unet_layers.split(","):
-            top, _, index = layer.partition(".")
-            index = index.split(".")[0]
-            if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
-                                           and -n <= int(index) < n)):
-                raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
-                                 f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
 
 def main(argv=None):

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import drpo
+from rewards import clip, hpsv3
 
 # outputs of the published HPSv3 and latent-MAE code on random weights (fixtures/README.md)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -271,10 +272,12 @@ def test_mae_features_match_the_published_extractor():
     phi = drpo.load_features("mae", mae_ckpt=FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")
     latents = load_file(FIXTURES / "mae_tiny" / "latents.safetensors")["latents"]
     expected = load_file(FIXTURES / "mae_tiny" / "expected.safetensors")
-    out = phi(latents)
+    # In float64: the fixture's own float32 round-off is up to 9e-6 (measured against a float64
+    # evaluation), so two float32 runs on different CPUs can differ by more than the tolerance.
+    out = phi(latents.double())
     assert out.keys() == expected.keys()
     for k, v in expected.items():
-        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[k], v.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_mae_reads_torch_layout_and_prefixed_keys(tmp_path):
@@ -288,9 +291,9 @@ def test_mae_reads_torch_layout_and_prefixed_keys(tmp_path):
         sd["module." + k] = v
     torch.save({"model_state_dict": sd, "metadata": raw["metadata"]}, tmp_path / "m.pth")
     latents = load_file(FIXTURES / "mae_tiny" / "latents.safetensors")["latents"]
-    out = drpo.load_features("mae", mae_ckpt=tmp_path / "m.pth")(latents)
+    out = drpo.load_features("mae", mae_ckpt=tmp_path / "m.pth")(latents.double())
     for k, v in load_file(FIXTURES / "mae_tiny" / "expected.safetensors").items():
-        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[k], v.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_missing_mae_checkpoint_says_how_to_get_it():
@@ -559,9 +562,10 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     before = {n: p.detach().clone() for n, p in lora}
     opt.step()
     stepped = pipeline(tiny, tmp_path / "next").unet.state_dict()
+    # float32 round-off of the two constructions: up to 2.3e-6 measured on an AMD EPYC (2e-6 elsewhere)
     for n, p in lora:
-        torch.testing.assert_close(p.detach(), stepped[n], rtol=0, atol=2e-6)
-    assert max((stepped[n] - before[n]).abs().max().item() for n, _ in lora) > 1e-3  # the step is far above 2e-6
+        torch.testing.assert_close(p.detach(), stepped[n], rtol=0, atol=5e-6)
+    assert max((stepped[n] - before[n]).abs().max().item() for n, _ in lora) > 1e-3  # the step is far above 5e-6
 
 
 STOP_AT = {"calls": 0, "limit": None}
@@ -884,8 +888,8 @@ def test_hpsv3_port_reproduces_the_published_scores():
     from PIL import Image
 
     exp = json.loads((HPS / "expected.json").read_text())
-    assert drpo.HPSV3_INSTRUCTION == exp["instruction"]
-    assert drpo.HPSV3_SUFFIX == exp["prompt_with_special_token"]
+    assert hpsv3.INSTRUCTION == exp["instruction"]
+    assert hpsv3.SUFFIX == exp["prompt_with_special_token"]
     reward = drpo.load_reward("hpsv3", "cpu", batch_size=4, hpsv3_ckpt=HPS / "HPSv3.safetensors",
                               hpsv3_base=HPS / "base")
     images = [Image.open(HPS / p) for p in exp["images"]]
@@ -906,7 +910,7 @@ def test_hpsv3_reads_the_score_at_the_reward_token(monkeypatch):
     images = [Image.open(HPS / p) for p in exp["images"]][:2]
     before = reward(images, exp["prompts"][:2])
     # text after <|Reward|> cannot reach it through causal attention: the score must not move ...
-    monkeypatch.setattr(drpo, "HPSV3_SUFFIX", drpo.HPSV3_SUFFIX + "and some more words after the end\n")
+    monkeypatch.setattr(hpsv3, "SUFFIX", hpsv3.SUFFIX + "and some more words after the end\n")
     torch.testing.assert_close(reward(images, exp["prompts"][:2]), before, rtol=0, atol=1e-5)
     # ... while text before it does
     assert (reward(images, [p + " at night" for p in exp["prompts"][:2]]) - before).abs().max() > 1e-4
@@ -1003,11 +1007,11 @@ def test_pickscore_and_clip_score_equal_clip_logits_and_do_not_depend_on_batchin
     with torch.no_grad():
         logits = torch.stack([model(**tok([p], return_tensors="pt"), **proc(images=[im], return_tensors="pt"))
                               .logits_per_image[0, 0] for im, p in zip(images, prompts)])
-    pick = drpo.clip_reward(tiny_clip, scale=None)  # PickScore: the model's own logit scale (50 here)
-    clip = drpo.clip_reward(tiny_clip)  # CLIP score: 100 * cos
+    pick = clip.clip_reward(tiny_clip, scale=None)  # PickScore: the model's own logit scale (50 here)
+    cos100 = clip.clip_reward(tiny_clip)  # CLIP score: 100 * cos
     with torch.no_grad():
         torch.testing.assert_close(pick(images, prompts), logits, rtol=0, atol=1e-4)
-        torch.testing.assert_close(clip(images, prompts), logits * 2, rtol=0, atol=2e-4)
+        torch.testing.assert_close(cos100(images, prompts), logits * 2, rtol=0, atol=2e-4)
         one_by_one = torch.cat([pick([im], [p]) for im, p in zip(images, prompts)])
         torch.testing.assert_close(pick(images, prompts), one_by_one, rtol=0, atol=1e-5)
     assert logits.std() > 0.1  # the images and prompts are told apart
@@ -1029,7 +1033,7 @@ def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_pat
         x = e / e.norm(dim=-1, keepdim=True)
         for i in (0, 2, 4, 6, 7):  # linear layers only, no activations
             x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
-        reward = drpo.aesthetic_reward(tiny_clip, tmp_path / "aesthetic-model.pth")
+        reward = clip.aesthetic_reward(tiny_clip, tmp_path / "aesthetic-model.pth")
         torch.testing.assert_close(reward(images, prompts), x[:, 0], rtol=0, atol=1e-5)
         torch.testing.assert_close(reward(images, ["x"] * 4), x[:, 0], rtol=0, atol=1e-5)  # ignores the prompt
         torch.testing.assert_close(torch.cat([reward([im], [p]) for im, p in zip(images, prompts)]), x[:, 0],
@@ -1038,7 +1042,7 @@ def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_pat
         model.visual_projection.weight.mul_(3)
         shutil.copytree(tiny_clip, tmp_path / "clip3")
         model.save_pretrained(tmp_path / "clip3")
-        scaled = drpo.aesthetic_reward(tmp_path / "clip3", tmp_path / "aesthetic-model.pth")(images, prompts)
+        scaled = clip.aesthetic_reward(tmp_path / "clip3", tmp_path / "aesthetic-model.pth")(images, prompts)
         torch.testing.assert_close(scaled, x[:, 0], rtol=0, atol=1e-5)
 
 
@@ -1048,17 +1052,6 @@ def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_pat
 def test_clip_rewards_without_weights_say_what_to_download(name, repo):
     with pytest.raises(OSError, match=f"hf download {repo}"):
         drpo.load_reward(name)
-
-
-def test_optional_package_rewards_say_what_to_install():
-    for name, pip in (("imagereward", "image-reward"), ("hpsv2", "hpsv2")):
-        try:
-            __import__({"imagereward": "ImageReward", "hpsv2": "hpsv2"}[name])
-            continue
-        except ImportError:
-            pass
-        with pytest.raises(ImportError, match=f"pip install {pip}"):
-            drpo.load_reward(name)
 
 
 # ---------------------------------------------------------------- eval.py -----------------
