@@ -368,7 +368,7 @@ def train(args):
             reward_device = reward_device_of(args.reward_device, device, local_rank)
             reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
                                     precision_dtype(args.reward_precision, reward_device),
-                                    **{k: getattr(args, k) for k in REWARD_PATHS})
+                                    geneval_metadata=args.prompts, **{k: getattr(args, k) for k in REWARD_PATHS})
     alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
@@ -688,16 +688,34 @@ def reward_port(name):
     return importlib.import_module(f"rewards.{name}")
 
 
-# name -> constructor(device, dtype, paths); paths holds the weight-file flags (None = from the hub).
+# name -> constructor(device, dtype, paths); paths: the weight-file flags below (None = from the hub).
 REWARDS = {
     "hpsv3": lambda device, dtype, p: reward_port("hpsv3").hpsv3_reward(device, p.get("hpsv3_ckpt"),
                                                                         p.get("hpsv3_base"), dtype),
     "pickscore": lambda device, dtype, p: reward_port("clip").pickscore_reward(device, dtype),
     "clip": lambda device, dtype, p: reward_port("clip").clip_reward(device=device, dtype=dtype),
     "aesthetic": lambda device, dtype, p: reward_port("clip").aesthetic_reward(device=device, dtype=dtype),
+    "imagereward": lambda device, dtype, p: reward_port("imagereward").imagereward_reward(
+        device, p.get("imagereward_ckpt"), p.get("imagereward_config"), p.get("imagereward_tokenizer"), dtype),
+    "geneval": lambda device, dtype, p: reward_port("geneval").geneval_reward(
+        p.get("geneval_metadata"), device, p.get("geneval_detector"), p.get("geneval_clip"), dtype),
     "brightness": lambda *_: brightness_reward, "jpeg": lambda *_: jpeg_reward, "random": lambda *_: random_reward,
 }
-REWARD_PATHS = ("hpsv3_ckpt", "hpsv3_base")  # load_reward keywords, named like their --flags
+# Weight files of the ported rewards: load_reward keyword (and --flag) -> what it is.
+REWARD_PATHS = {
+    "hpsv3_ckpt": "HPSv3.safetensors (default: hub MizzenAI/HPSv3)",
+    "hpsv3_base": "Qwen2-VL-7B-Instruct folder for its config, tokenizer and image processor (default: hub)",
+    "imagereward_ckpt": "ImageReward.pt (default: hub THUDM/ImageReward)",
+    "imagereward_config": "ImageReward's med_config.json (default: hub THUDM/ImageReward)",
+    "imagereward_tokenizer": "bert-base-uncased tokenizer folder (default: hub bert-base-uncased)",
+    "geneval_detector": "Mask2Former folder (default: hub facebook/mask2former-swin-small-coco-instance)",
+    "geneval_clip": "CLIP ViT-L/14 folder that names object colours (default: hub openai/clip-vit-large-patch14)",
+}
+
+
+def add_reward_path_flags(group):
+    for key, what in REWARD_PATHS.items():
+        group.add_argument("--" + key.replace("_", "-"), metavar="PATH", help=f"local {what}")
 
 
 def parse_reward_spec(spec):
@@ -741,10 +759,11 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
     (each member z-scored over the call's images, then weighted and summed). Scores are
     computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
-    bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, e.g. hpsv3_ckpt=FILE.
+    bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name (e.g. hpsv3_ckpt=FILE), and
+    geneval_metadata=FILE.jsonl for the geneval reward.
     """
-    if set(paths) - set(REWARD_PATHS):
-        raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {REWARD_PATHS}")
+    if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
+        raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
     dtype = dtype or precision_dtype("auto", device)
     fns = [(name, REWARDS[name](device, dtype, paths) if name in REWARDS else custom_reward(name), w)
            for name, w in parse_reward_spec(spec)]
@@ -1090,11 +1109,18 @@ DEFAULT_PROMPTS = [
 
 
 def read_prompts(path):
+    """--prompts: one prompt per line, or for a .jsonl file each line's "prompt" (GenEval's metadata)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
     if not Path(path).is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file; give a text file with one prompt per line")
     prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if str(path).endswith(".jsonl"):
+        try:
+            prompts = [json.loads(line)["prompt"] for line in prompts]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--prompts {path}: every line of a .jsonl file must be an object with a \"prompt\" "
+                             f"({e!r})") from e
     if not prompts:
         raise ValueError(f"--prompts {path} has no prompts; write one prompt per line")
     return prompts
@@ -1297,10 +1323,13 @@ def check_args(args):
     else:
         args.reward = args.reward or "hpsv3"
     rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
-    if "hpsv3" in rewards:
-        for flag, path, kind in (("--hpsv3-ckpt", args.hpsv3_ckpt, "file"), ("--hpsv3-base", args.hpsv3_base, "dir")):
-            if path and not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
-                raise FileNotFoundError(f"{flag} {path}: no such {'file' if kind == 'file' else 'folder'}")
+    for key in REWARD_PATHS:
+        path = getattr(args, key)
+        if key.split("_")[0] in rewards and path and not Path(path).exists():
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file or folder")
+    if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
+        raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
+                         "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
     if args.features == "mae":
         check_mae_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
@@ -1370,9 +1399,9 @@ def build_parser():
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
     g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", help="reward name (hpsv3, pickscore, clip, aesthetic, imagereward, hpsv2, brightness, "
-                   "jpeg, random), `module:function`, or a weighted comma list like `hpsv3:1,pickscore:0.5` (see "
-                   "README); default: hpsv3, or none with --pairs")
+    g.add_argument("--reward", help=f"reward name ({', '.join(REWARDS)}), `module:function`, or a weighted comma list "
+                   "like `hpsv3:1,pickscore:0.5` (docs/rewards.md); geneval needs --prompts evaluation_metadata.jsonl; "
+                   "default: hpsv3, or none with --pairs")
     g.add_argument("--pairs", metavar="FILE.jsonl", help="offline preference pairs instead of a reward: one "
                    '{"prompt", "chosen", "rejected"} per line (image paths relative to the file); the chosen images '
                    "are the positives, the rejected the negatives (at most --n-pos / --n-neg per prompt), the prompts "
@@ -1382,9 +1411,7 @@ def build_parser():
                    "the GPU N after this process's own, e.g. under torchrun with 4 training GPUs, cuda:+4")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (default: download MizzenAI/HPSv3)")
-    g.add_argument("--hpsv3-base", help="local Qwen2-VL-7B-Instruct folder for its config, tokenizer and image "
-                   "processor (default: download Qwen/Qwen2-VL-7B-Instruct)")
+    add_reward_path_flags(g)
     g = p.add_argument_group("features")
     g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi; `mae` reproduces the paper "
                    "(needs --mae-ckpt), `unet` needs no extra weights")
@@ -1403,7 +1430,8 @@ def build_parser():
     g.add_argument("--prompts-per-step", type=int, default=1, help="B: prompts per micro-step")
     g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time so memory stays flat "
                    "in K; 0 = all K at once")
-    g.add_argument("--prompts", help="text file with one training prompt per line (default: a small built-in list)")
+    g.add_argument("--prompts", help="text file with one training prompt per line, or a .jsonl file with a \"prompt\" "
+                   "per line (e.g. GenEval's evaluation_metadata.jsonl); default: a small built-in list")
     g.add_argument("--seed", type=int, default=42, help="seed of prompt order and noises")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, sample grids, checkpoint")

@@ -10,6 +10,13 @@ bootstrap interval, and the win rate (ties count half).
 
 Writes EVALDIR/results.json, scores.csv (one row per image), table.md (also printed) and
 grid.png (first prompts, first seed; base, then each LoRA, left to right).
+
+    python eval.py --model sd-turbo --lora runs/drpo --geneval evaluation_metadata.jsonl --out geneval/
+
+GenEval: the metadata's prompts, 4 seeds each, every image judged by rewards/geneval.py (its
+Mask2Former is transformers' COCO checkpoint, not the benchmark's mmdetection file, so scores are
+close to but not the official ones). Prints accuracy per task and the overall score (the mean of
+the task accuracies); geneval.csv has each image's verdict and the reason it failed.
 """
 import argparse
 import csv
@@ -100,6 +107,33 @@ def markdown_table(scores):
     return "\n".join(lines)
 
 
+def geneval_tasks(metadata, correct, n_seeds):
+    """{model: {task: accuracy in %, ..., "overall": mean of the task accuracies}} from 0/1 scores."""
+    tags = [m["tag"] for m in metadata for _ in range(n_seeds)]
+    tasks = {}
+    for label, c in correct.items():
+        acc = {t: 100 * c[[i for i, tag in enumerate(tags) if tag == t]].mean().item() for t in dict.fromkeys(tags)}
+        tasks[label] = {**acc, "overall": sum(acc.values()) / len(acc)}
+    return tasks
+
+
+def tasks_table(tasks):
+    cols = list(next(iter(tasks.values())))
+    lines = ["| GenEval (%) | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    return "\n".join(lines + [f"| {label} | " + " | ".join(f"{a[c]:.1f}" for c in cols) + " |"
+                              for label, a in tasks.items()])
+
+
+def write_verdicts(path, metadata, seeds, labels, verdicts):
+    """geneval.csv: one row per image with its verdict and, when wrong, why (verdicts in generation order)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "prompt_index", "seed", "tag", "prompt", "correct", "reason"])
+        rows = [(label, i, s, m["tag"], m["prompt"]) for label in labels for i, m in enumerate(metadata) for s in seeds]
+        for row, (correct, reason) in zip(rows, verdicts):
+            w.writerow([*row, int(correct), reason])
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
                                 formatter_class=drpo.HelpFormatter)
@@ -109,8 +143,12 @@ def build_parser():
                    "folder); repeat to compare several; labelled by folder name")
     p.add_argument("--reward", default="pickscore,aesthetic,clip,hpsv3",
                    help="comma list of metrics, each a drpo.py reward name or `module:function`")
-    p.add_argument("--prompts", required=True, help="text file with one prompt per line, or `parti` / `pickapic` "
-                     "(the paper's sets, fetched from the hub with `datasets`)")
+    p.add_argument("--prompts", help="text file with one prompt per line, or `parti` / `pickapic` (the paper's sets, "
+                   "fetched from the hub with `datasets`)")
+    p.add_argument("--geneval", metavar="FILE.jsonl", help="run GenEval on its evaluation_metadata.jsonl instead of "
+                   "rewards on --prompts")
+    p.add_argument("--paper-scales", action="store_true", help="report ImageReward x10 as the paper's tables do "
+                   "(PickScore and aesthetic are reported as computed)")
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--seeds", type=int, default=4, help="noises per prompt: seeds 0 .. N-1")
     p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
@@ -120,8 +158,7 @@ def build_parser():
                    help="generator dtype; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--reward-device", help="device of the reward models (default: --device)")
     p.add_argument("--reward-batch", type=int, default=8, help="images per reward call")
-    p.add_argument("--hpsv3-ckpt", help="local HPSv3.safetensors (as in drpo.py)")
-    p.add_argument("--hpsv3-base", help="local Qwen2-VL-7B-Instruct folder (as in drpo.py)")
+    drpo.add_reward_path_flags(p)
     p.add_argument("--grid-prompts", type=int, default=4, help="rows of grid.png")
     return p
 
@@ -134,16 +171,34 @@ def evaluate(args):
     for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    prompts = load_prompts(args.prompts, args.max_prompts)
+    if (args.prompts is None) == (args.geneval is None):
+        raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, one of them")
+    paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
+    if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
+        geneval = drpo.reward_port("geneval")
+        metadata = geneval.read_metadata(args.geneval)[:args.max_prompts]
+        prompts, verdicts = [m["prompt"] for m in metadata], []
+        detect = geneval.load_detector(args.reward_device or device, paths["geneval_detector"], paths["geneval_clip"])
+        by_prompt = {m["prompt"]: m for m in metadata}
+
+        def judge(images, prompts):
+            metas = [by_prompt[p] for p in prompts]
+            verdicts.extend(geneval.decide(m, d) for m, d in zip(metas, detect(images, metas)))
+            return torch.tensor([float(c) for c, _ in verdicts[-len(images):]])
+
+        rewards = {"geneval": judge}
+    else:
+        prompts = load_prompts(args.prompts, args.max_prompts)
+        names = [r.strip() for r in args.reward.split(",") if r.strip()]
+        rewards = {r: drpo.load_reward(r, args.reward_device or device, args.reward_batch, **paths) for r in names}
+        if args.paper_scales and "imagereward" in rewards:
+            rewards["imagereward"] = lambda images, prompts, fn=rewards["imagereward"]: 10 * fn(images, prompts)
     pipe = drpo.load_pipeline(args.model, dtype).to(device)
     labels = {}
     for folder in args.lora:
         check_lora(pipe.unet, folder)
         label = Path(folder).resolve().name
         labels[label if label not in labels and label != "base" else f"{label}-{len(labels) + 1}"] = folder
-    names = [r.strip() for r in args.reward.split(",") if r.strip()]
-    rewards = {r: drpo.load_reward(r, args.reward_device or device, args.reward_batch,
-                                   hpsv3_ckpt=args.hpsv3_ckpt, hpsv3_base=args.hpsv3_base) for r in names}
     seeds = list(range(args.seeds))
     noises = torch.cat([torch.randn((1, *drpo.latent_shape(pipe, args.resolution)),
                                     generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -175,6 +230,9 @@ def evaluate(args):
     summary = {r: {"base": {"mean": s["base"].mean().item(), "std": s["base"].std().item()},
                    **{label: paired_stats(s["base"], s[label]) for label in labels}} for r, s in scores.items()}
     results = {"scores": summary, "prompts": prompts, "seeds": seeds, "loras": labels, "settings": vars(args)}
+    if args.geneval:
+        results["geneval"] = geneval_tasks(metadata, scores["geneval"], len(seeds))
+        write_verdicts(out / "geneval.csv", metadata, seeds, ["base", *labels], verdicts)
     drpo.atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -185,7 +243,7 @@ def evaluate(args):
                     w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
     grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
     drpo.image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
-    table = markdown_table(summary)
+    table = markdown_table(summary) + (f"\n\n{tasks_table(results['geneval'])}" if args.geneval else "")
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results

@@ -4,7 +4,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import drpo
-from rewards import clip, hpsv3
+from rewards import clip, geneval, hpsv3, imagereward
 
 # outputs of the published HPSv3 and latent-MAE code on random weights (fixtures/README.md)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -25,7 +28,7 @@ RADII = (0.02, 0.05, 0.2)
 # ---------------------------------------------------------------- the drift field ---------
 
 def naive_field(X, Yp, Yn, wp, wn, radii, kernel="laplacian", mask_pairs=()):
-    """DESIGN.md section 2 evaluated entry by entry in float64, written independently of drpo.py.
+    """The drift field (arXiv 2606.02521) evaluated entry by entry in float64, independently of drpo.py.
 
     wp, wn: (B, P) / (B, M) weights. mask_pairs: extra (i, column) pairs whose logits are masked.
     Returns V (B, N, D) and sigma.
@@ -788,7 +791,7 @@ def pairs_check():
 def test_pairs_pull_the_samples_toward_chosen_and_away_from_rejected_images(tiny, tmp_path):
     """Trained on (bright chosen, dark rejected) pairs and on the same pairs swapped, the held-out
     one-step latents of the plain diffusers pipeline end further along u = mean chosen latent -
-    mean rejected latent with the pairs than with the swapped pairs (DESIGN.md 10)."""
+    mean rejected latent with the pairs than with the swapped pairs."""
     pc = pairs_check()
     pairs, swapped = pc.write_texture_pairs(tmp_path / "data")
     u = pc.direction(tiny, pairs)
@@ -1052,6 +1055,274 @@ def test_aesthetic_head_reads_unit_norm_clip_image_embeddings(tiny_clip, tmp_pat
 def test_clip_rewards_without_weights_say_what_to_download(name, repo):
     with pytest.raises(OSError, match=f"hf download {repo}"):
         drpo.load_reward(name)
+
+
+IR = FIXTURES / "imagereward_tiny"
+
+
+def imagereward_inputs():
+    from PIL import Image
+
+    exp = json.loads((IR / "expected.json").read_text())
+    return exp, [Image.open(IR / p) for p in exp["images"]]
+
+
+def test_imagereward_port_reproduces_the_published_scores():
+    from transformers import BertTokenizer
+
+    exp, images = imagereward_inputs()
+    reward = drpo.load_reward("imagereward", "cpu", batch_size=4, imagereward_ckpt=IR / "ImageReward_tiny.pt",
+                              imagereward_config=IR / "med_config.json", imagereward_tokenizer=IR / "tokenizer")
+    expected = torch.tensor(exp["scores"])  # [prompt][image], published ImageReward.score one pair at a time
+    prompts = [p for p in exp["prompts"] for _ in images]
+    batched = reward(images * len(exp["prompts"]), prompts).view_as(expected)  # batches of 4 mix prompts
+    single = torch.tensor([[reward([im], [p]).item() for im in images] for p in exp["prompts"]])
+    torch.testing.assert_close(batched, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(single, expected, rtol=0, atol=1e-5)
+    # the published preprocessing (torchvision's rounded centre crop) and tokenization (35 tokens, [CLS] first)
+    ref = load_file(IR / "intermediates.safetensors")
+    torch.testing.assert_close(imagereward.preprocess(images), ref["pixel_values"], rtol=0, atol=1e-6)
+    tok = BertTokenizer.from_pretrained(str(IR / "tokenizer"))
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    ids = tok(exp["prompts"], padding="max_length", truncation=True, max_length=35).input_ids
+    assert ids == exp["input_ids"]
+    # the fixture tells apart the two mistakes a port is likely to make
+    for wrong in ("scores_if_enc_token_first", "scores_if_square_resize_no_crop"):
+        assert (batched - torch.tensor(exp[wrong])).abs().max() > 1e-2
+
+
+def test_imagereward_loads_strictly_and_names_the_keys_it_cannot_map(tmp_path):
+    state = torch.load(IR / "ImageReward_tiny.pt", weights_only=True)
+    paths = dict(config=IR / "med_config.json", tokenizer=IR / "tokenizer")
+    extra = {**state, "blip.itm_head.weight": torch.zeros(2, 32)}
+    torch.save(extra, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"unexpected \['blip.itm_head.weight'\]"):
+        imagereward.imagereward_reward("cpu", tmp_path / "extra.pt", **paths)
+    short = {k: v for k, v in state.items() if k != "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"}
+    torch.save(short, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"missing \['text: encoder.layer.1.crossattention.self.key.weight'\]"):
+        imagereward.imagereward_reward("cpu", tmp_path / "short.pt", **paths)
+    with pytest.raises(OSError, match="hf download THUDM/ImageReward"):
+        imagereward.imagereward_reward("cpu", tmp_path / "nosuch.pt", **paths)
+
+
+def test_each_reward_port_runs_alone_without_drpo(tiny_clip, tmp_path):
+    """rewards/*.py are copied into other projects: each imports and scores in a fresh interpreter
+    with drpo never imported."""
+    root = Path(__file__).resolve().parent
+    script = f"""
+import sys, json, torch
+from pathlib import Path
+from PIL import Image
+sys.path.insert(0, {str(root)!r})
+import rewards.{{name}} as port
+F = Path({str(FIXTURES)!r})
+im = [Image.new("RGB", (48, 40), (200, 30, 30)), Image.new("RGB", (40, 64), (20, 90, 200))]
+scores = {{call}}(im, ["a red car", "a blue bus"])
+assert len(scores) == 2 and all(float(s) == float(s) for s in scores), scores
+assert "drpo" not in sys.modules, "imported drpo"
+print("ok", [round(float(s), 4) for s in scores])
+"""
+    det = tmp_path / "det"
+    tiny_detector().save_pretrained(det)
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(m) + "\n" for m in (
+        {"tag": "colors", "prompt": "a red car", "include": [{"class": "car", "count": 1, "color": "red"}]},
+        {"tag": "single_object", "prompt": "a blue bus", "include": [{"class": "bus", "count": 1}]})))
+    calls = {
+        "hpsv3": "port.hpsv3_reward('cpu', F / 'hpsv3_tiny' / 'HPSv3.safetensors', F / 'hpsv3_tiny' / 'base')",
+        "clip": f"port.clip_reward({str(tiny_clip)!r})",
+        "imagereward": "port.imagereward_reward('cpu', F / 'imagereward_tiny' / 'ImageReward_tiny.pt', "
+                       "F / 'imagereward_tiny' / 'med_config.json', F / 'imagereward_tiny' / 'tokenizer')",
+        "geneval": f"port.geneval_reward({str(meta)!r}, 'cpu', {str(det)!r}, {str(tiny_clip)!r})",
+    }
+    assert sorted(calls) == sorted(p.stem for p in (root / "rewards").glob("*.py") if p.stem != "__init__")
+    for name, call in calls.items():
+        done = subprocess.run([sys.executable, "-c", script.replace("{name}", name).replace("{call}", call)],
+                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0 and done.stdout.startswith("ok"), (name, done.stderr[-2000:])
+
+
+def test_no_reference_to_a_file_outside_the_repository():
+    """Comments and docs cite the paper or the repository's own files: every .md named exists here."""
+    root = Path(__file__).resolve().parent
+    files = [root / "drpo.py", root / "eval.py", root / "README.md", *root.glob("rewards/*.py"),
+             *root.glob("benchmarks/*.py"), *root.glob("docs/*.md"), *root.glob("examples/*.py")]
+    for f in files:
+        text = f.read_text()
+        # a path to a .md file, a capitalized one (README.md), or a markdown link target; not outputs like table.md
+        names = re.findall(r"(?:[\w.-]+/)+[\w.-]+\.md\b|\b[A-Z][\w-]*\.md\b", text)
+        for name in names + re.findall(r"\]\(([^)#:]+\.md)[)#]", text):
+            assert (root / name).is_file() or (f.parent / name).is_file(), f"{f.name} names {name}"
+        assert "../shared" not in text and "DESIGN.md" not in text, f.name
+
+
+# ---------------------------------------------------------------- GenEval -----------------
+
+def tiny_detector(confident="person"):
+    """A random tiny Mask2Former whose every query names one class with probability ~1, so that
+    its masks become detections with real scores (mask score x ~1)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(0)
+    swin = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    net = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+        backbone_config=swin, hidden_dim=32, num_queries=10, num_labels=80, feature_size=32, mask_feature_size=32,
+        encoder_layers=1, decoder_layers=2, dim_feedforward=64, num_attention_heads=2, encoder_feedforward_dim=64))
+    with torch.no_grad():
+        net.class_predictor.bias[geneval.CLASSES.index(confident)] = 50.0
+    return net.eval()
+
+
+def det(label, score, box=(0, 0, 10, 10), color=None):
+    return {"label": label, "score": score, "box": list(box), "color": color}
+
+
+@pytest.mark.parametrize("meta,dets,correct,reason", [
+    # single object: a score must exceed 0.3; exactly 0.3 is not kept
+    ({"tag": "single_object", "include": [{"class": "cat", "count": 1}]}, [det("cat", 0.31)], True, ""),
+    ({"tag": "single_object", "include": [{"class": "cat", "count": 1}]}, [det("cat", 0.3), det("dog", 0.9)], False,
+     "expected cat>=1, found 0"),
+    # two objects: both needed
+    ({"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]},
+     [det("cat", 0.8), det("dog", 0.5)], True, ""),
+    ({"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]},
+     [det("cat", 0.8)], False, "expected dog>=1, found 0"),
+    # counting: exactly N confident (> 0.9) objects; one too many fails the exclude clause
+    ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+     [det("cat", 0.95)] * 3 + [det("cat", 0.9)], True, ""),
+    ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+     [det("cat", 0.95)] * 4, False, "expected cat<4, found 4"),
+    ({"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]},
+     [det("cat", 0.95)] * 2 + [det("cat", 0.5)], False, "expected cat>=3, found 2"),
+    # the cap: at most 16 kept per class, so 20 confident cats pass "fewer than 17"
+    ({"tag": "counting", "include": [{"class": "cat", "count": 16}], "exclude": [{"class": "cat", "count": 17}]},
+     [det("cat", 0.95)] * 20, True, ""),
+    # colours: the first `count` kept objects (highest scores) must have the colour
+    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+     [det("car", 0.9, color="red")], True, ""),
+    ({"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+     [det("car", 0.6, color="red"), det("car", 0.9, color="blue")], False,
+     "expected red car>=1, found 0 red; and 1 blue"),
+    ({"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                       {"class": "bus", "count": 1, "color": "green"}]},
+     [det("car", 0.9, color="red"), det("bus", 0.9, color="yellow")], False,
+     "expected green bus>=1, found 0 green; and 1 yellow"),
+    # position: relative to the earlier clause's objects; a wrong side; no target
+    ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                     {"class": "cat", "count": 1, "position": ["left of", 0]}]},
+     [det("dog", 0.9, (100, 0, 140, 40)), det("cat", 0.9, (0, 0, 40, 40))], True, ""),
+    ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                     {"class": "cat", "count": 1, "position": ["left of", 0]}]},
+     [det("dog", 0.9, (0, 0, 40, 40)), det("cat", 0.9, (100, 0, 140, 40))], False,
+     "expected cat left of target, found right of target"),
+    ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                     {"class": "cat", "count": 1, "position": ["above", 0]}]},
+     [det("cat", 0.9, (0, 0, 40, 40))], False, "expected dog>=1, found 0\nno target for cat to be above"),
+    # boxes that overlap almost entirely stand in no relation
+    ({"tag": "position", "include": [{"class": "dog", "count": 1},
+                                     {"class": "cat", "count": 1, "position": ["below", 0]}]},
+     [det("dog", 0.9, (0, 0, 40, 40)), det("cat", 0.9, (2, 2, 42, 42))], False,
+     "expected cat below target, found  target"),
+])
+def test_decide_gives_the_official_verdicts(meta, dets, correct, reason):
+    assert geneval.decide({"prompt": "p", **meta}, dets) == (correct, reason)
+
+
+def test_relative_position_follows_the_official_geometry():
+    # centres 30 apart on x, sizes 20 + 20: offset shrinks by 0.1 * 40 = 4, still clearly left
+    assert geneval.relative_position([0, 0, 20, 20], [30, 0, 50, 20]) == {"left of"}
+    assert geneval.relative_position([0, 60, 20, 80], [0, 0, 20, 20]) == {"below"}  # y grows downward
+    assert geneval.relative_position([0, 0, 20, 20], [30, 30, 50, 50]) == {"left of", "above"}  # diagonal: both
+    assert geneval.relative_position([0, 0, 20, 20], [1, 1, 21, 21]) == set()  # within 10 % of the sizes
+
+
+def test_geneval_grade_ranks_correct_over_partly_correct_over_wrong():
+    meta = {"tag": "two_object", "prompt": "p", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]}
+    correct = geneval.grade(meta, [det("cat", 0.35), det("dog", 0.35)])
+    partly = geneval.grade(meta, [det("cat", 0.99), det("dog", 0.2)])
+    wrong = geneval.grade(meta, [det("bird", 0.99)])
+    assert correct > partly > wrong >= 0 and correct < 1
+    assert geneval.decide(meta, [det("cat", 0.35), det("dog", 0.35)])[0]
+    # among equally correct images, the more confident detections rank higher
+    assert geneval.grade(meta, [det("cat", 0.9), det("dog", 0.9)]) > correct
+
+
+def test_geneval_metadata_shapes_and_prompt_files(tmp_path):
+    rows = [{"tag": "counting", "prompt": "a photo of three cats", "include": [{"class": "cat", "count": 3}],
+             "exclude": [{"class": "cat", "count": 4}]},
+            {"tag": "colors", "prompt": "a photo of a red car", "include": [{"class": "car", "count": 1, "color": "red"}]}]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert drpo.read_prompts(tmp_path / "meta.jsonl") == ["a photo of three cats", "a photo of a red car"]
+    assert geneval.read_metadata(tmp_path / "meta.jsonl") == rows
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        drpo.read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="needs prompt, tag and include"):
+        geneval.read_metadata(tmp_path / "bad.jsonl")
+
+
+GENEVAL_ROWS = [
+    {"tag": "single_object", "prompt": "a photo of a person", "include": [{"class": "person", "count": 1}]},
+    {"tag": "two_object", "prompt": "a photo of a person and a dog",
+     "include": [{"class": "person", "count": 1}, {"class": "dog", "count": 1}]},
+    {"tag": "colors", "prompt": "a photo of a red person", "include": [{"class": "person", "count": 1, "color": "red"}]},
+]
+
+
+def test_eval_geneval_runs_end_to_end_on_a_tiny_detector_and_clip(trained, tiny_clip, tmp_path, capsys):
+    import csv
+
+    import eval as ev
+
+    tiny, lora = trained
+    tiny_detector().save_pretrained(tmp_path / "det")
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_ROWS))
+    out = tmp_path / "ge"
+    assert ev.main(["--model", tiny, "--lora", str(lora), "--geneval", str(tmp_path / "meta.jsonl"), "--seeds", "2",
+                    "--geneval-detector", str(tmp_path / "det"), "--geneval-clip", str(tiny_clip),
+                    "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    rows = list(csv.DictReader(open(out / "geneval.csv")))
+    assert len(rows) == 2 * 3 * 2  # models x prompts x seeds
+    assert all((r["correct"] == "1") == (r["reason"] == "") for r in rows)
+    assert any(r["correct"] == "1" for r in rows)  # the confident tiny detector finds persons
+    assert all(r["correct"] == "0" and "expected dog>=1, found 0" in r["reason"] for r in rows
+               if r["tag"] == "two_object")
+    for label, tasks in res["geneval"].items():
+        mine = [r for r in rows if r["model"] == label]
+        for tag in ("single_object", "two_object", "colors"):
+            got = [int(r["correct"]) for r in mine if r["tag"] == tag]
+            assert tasks[tag] == pytest.approx(100 * sum(got) / len(got))
+        assert tasks["overall"] == pytest.approx(sum(tasks[t] for t in ("single_object", "two_object", "colors")) / 3)
+        assert f"| {label} |" in printed
+    assert res["scores"]["geneval"]["brightlora"]["diff_vs_base"] == pytest.approx(
+        (sum(int(r["correct"]) for r in rows if r["model"] == "brightlora")
+         - sum(int(r["correct"]) for r in rows if r["model"] == "base")) / 6)
+    # the verdicts are those of decide on the detector's output for exactly these images
+    pipe = pipeline(tiny)
+    images = drpo.sample_images(pipe, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
+        [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]),
+        pipe.scheduler.alphas_cumprod[999])
+    detect = geneval.load_detector("cpu", tmp_path / "det", tiny_clip)
+    verdicts = [geneval.decide(GENEVAL_ROWS[0], d) for d in detect(images, [GENEVAL_ROWS[0]] * 2)]
+    assert [(r["correct"] == "1", r["reason"]) for r in rows if r["model"] == "base" and r["prompt_index"] == "0"] \
+        == verdicts
+
+
+def test_geneval_reward_trains_the_tiny_model(tiny, tiny_clip, tmp_path, capsys):
+    tiny_detector().save_pretrained(tmp_path / "det")
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GENEVAL_ROWS))
+    out = tmp_path / "run"
+    assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--prompts", str(tmp_path / "meta.jsonl"),
+               "--geneval-detector", str(tmp_path / "det"), "--geneval-clip", str(tiny_clip), reward="geneval") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["neg_mean"] <= r["pos_mean"] < 1 for r in rows)
+    # without the metadata the reward is refused before anything loads
+    assert run(tiny, tmp_path / "nometa", "--max-steps", "1", reward="geneval") == 2
+    assert "--prompts evaluation_metadata.jsonl" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- eval.py -----------------

@@ -3,7 +3,7 @@
 Writes synthetic pairs (chosen = bright textures, rejected = dark ones), trains once on the
 pairs and once on the same pairs swapped, then measures, with the plain diffusers pipeline and
 independently of the training code, how far the held-out one-step latents of each LoRA lie along
-u = mean VAE latent of the chosen images - mean VAE latent of the rejected ones (DESIGN.md 10:
+u = mean VAE latent of the chosen images - mean VAE latent of the rejected ones (docs/pairs.md:
 both runs drift toward the anchors as a whole; the dipole shows in their difference).
 
     python benchmarks/pairs_check.py --out /tmp/pairs           # on `--model tiny`
