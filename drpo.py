@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -332,9 +333,10 @@ def feature_sets(fx, fr, pos_idx, neg_idx):
     return gen, pos, neg, ref
 
 
-def train(args):
+def train(args, stop_asked=()):
     """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts,
-    then one AdamW step of the LoRA. Writes the LoRA, metrics, sample grids and checkpoints."""
+    then one AdamW step of the LoRA. Writes the LoRA, metrics, sample grids and checkpoints.
+    stop_asked: a list that signals append to (deferred_signals); the loop then saves and stops."""
     from tqdm import tqdm
 
     # One process, or one of `world` under torchrun: each process runs every world-th micro-step,
@@ -388,7 +390,8 @@ def train(args):
     while step < args.max_steps:
         times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
         log = {"scores": [], "pos": [], "neg": [], **dict.fromkeys(STATS, 0.0)}
-        with all_or_none(world):  # an error in one process (NaN scores, ...) stops all, none left waiting
+        # an error in one process (NaN scores, ...) stops all, none left waiting
+        with all_or_none(world), explain_out_of_memory(lap, device, out):
             for micro in range(n_micro):
                 while len(order) < B:  # walk through the prompts in a fresh random order each epoch
                     order += torch.randperm(len(prompts), generator=rng).tolist()
@@ -460,8 +463,10 @@ def train(args):
                 for k in STATS:
                     log[k] += stats[k] / n_micro
 
+        log["stop"] = float(len(stop_asked) > 0)  # summed over the processes with the rest of the log
         if world > 1:
             all_reduce_update(params, log)
+        stop = log.pop("stop") > 0  # a signal to any process stops every process after this same update
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -475,8 +480,12 @@ def train(args):
                                       len(grid_noises))
                 (out / "samples").mkdir(exist_ok=True)
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
-            if step % args.save_every == 0 or step == args.max_steps:
+            if stop or step % args.save_every == 0 or step == args.max_steps:
                 save_checkpoint(out, pipe, optimizer, rng, step, order)
+        if stop:
+            if world > 1:
+                dist.barrier()  # rank 0 has saved before any process leaves
+            raise Stopped(stop_asked[0] if stop_asked else signal.SIGTERM, step)
     bar.close()
     return out
 
@@ -817,15 +826,10 @@ def lora_state(unet):
 def save_lora(pipe, out_dir):
     """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
     save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
-    import tempfile
-
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        type(pipe).save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
-            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
-        os.replace(Path(tmp) / "pytorch_lora_weights.safetensors", Path(out_dir) / "pytorch_lora_weights.safetensors")
+    type(pipe).save_lora_weights(out_dir, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
+                                 unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
@@ -1091,9 +1095,58 @@ def stopwatch(device):
             torch.cuda.synchronize(device)
         now = time.perf_counter()
         times[name] = times.get(name, 0.0) + now - last[0]
-        last[0] = now
+        last[0], lap.last = now, name
 
+    lap.last = None
     return times, lap
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop; it stopped after a whole update and saved it."""
+
+    def __init__(self, signum, step):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C) only note that a stop was asked (the list
+    yielded): the loop then finishes its update, saves and stops. A second Ctrl-C stops at once."""
+    import threading
+
+    asked = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield asked
+        return
+
+    def note(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(lap, device, out):
+    """A GPU out-of-memory error in the block becomes a message that names the phase it happened in
+    and the remedies that leave the update unchanged."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        phase = {None: "sample", "sample": "sample", "reference": "reward", "decode": "reward", "reward": "features",
+                 "features": "features", "field": "regression", "backward": "sample"}[lap.last]
+        used = f"{torch.cuda.memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "unknown"
+        raise MemoryError(f"out of GPU memory in the {phase} phase ({used} in use on {device}). The last checkpoint "
+                          f"in {out} is intact. These leave the update unchanged: --grad-chunk 8 (regress 8 "
+                          f"candidates at a time), --gradient-checkpointing, --reward-device cuda:+1 (the reward "
+                          f"on its own GPU), a smaller --reward-batch; then continue with --resume") from e
 
 
 DEFAULT_PROMPTS = [
@@ -1219,6 +1272,43 @@ def image_grid(images, cols):
 STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref")  # drpo_targets' stats
 
 
+CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
+# Settings that may change on --resume: they do not change what the run computes.
+RESUME_FREE = {"max_steps", "save_every", "sample_every", "grid_prompts", "grid_noises", "device", "reward_device",
+               "grad_chunk", "gradient_checkpointing", "reward_batch", "grad_accum", "world_size", "resume", "force",
+               "overwrite", "output_dir", "make_tiny", "arch", "mae_ckpt", "dinov2", "forced_changes", *REWARD_PATHS}
+
+
+def load_checkpoint(path):
+    """checkpoint.pt as plain tensors, numbers and lists (weights_only: nothing in the file is run)."""
+    prev = Path(path).with_name("checkpoint.prev.pt")
+    fix = (f"If its last save was cut off, resume from the one before: `mv {prev} {path}`; or start over with "
+           f"--overwrite" if prev.is_file() else "Start over with --overwrite, or pass another --output-dir")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (zip reader errors), foreign pickles (UnpicklingError), ...
+        raise ValueError(f"{path} is damaged or not a DrPO checkpoint, so nothing was loaded or run from it "
+                         f"({str(e).splitlines()[0]}). {fix}") from e
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
+        raise ValueError(f"{path} is not a DrPO checkpoint (it lacks {sorted(CHECKPOINT_KEYS - set(ckpt or {}))}). {fix}")
+    return ckpt
+
+
+def resume_changes(args, world):
+    """Each setting that shapes the run and differs from the saved config.json, as `name: old -> new`."""
+    path = Path(args.output_dir) / "config.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps({**vars(args), "world_size": world}))  # tuples as lists, as saved
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if k not in RESUME_FREE and old.get(k) != new.get(k)]
+    accum = old.get("grad_accum", 1) * old.get("world_size", 1), args.grad_accum * world
+    if accum[0] != accum[1]:  # micro-steps per update: grad_accum x processes may move between the two
+        changes.append(f"grad_accum x world size: {accum[0]} -> {accum[1]}")
+    return changes
+
+
 def start_or_resume(args, unet, optimizer, rng, rank, world):
     """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume
     loads LoRA, optimizer and generator state from the checkpoint and drops metrics logged after it."""
@@ -1228,7 +1318,7 @@ def start_or_resume(args, unet, optimizer, rng, rank, world):
     if args.resume and ckpt_path.exists():
         from peft.utils import set_peft_model_state_dict
 
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         set_peft_model_state_dict(unet, ckpt["lora"])
         optimizer.load_state_dict(ckpt["optimizer"])
         rng.set_state(ckpt["rng"])
@@ -1240,19 +1330,35 @@ def start_or_resume(args, unet, optimizer, rng, rank, world):
     elif rank == 0:  # a fresh run: nothing of an earlier one may be resumed or appended to
         if args.resume:
             print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
-        for stale in (ckpt_path, metrics):
+        for stale in (ckpt_path, out / "checkpoint.prev.pt", metrics):
             stale.unlink(missing_ok=True)
     if rank == 0:
-        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=2)))
+        config = {**vars(args), "world_size": world}
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return step, order
 
 
 def save_checkpoint(out, pipe, optimizer, rng, step, order):
-    """The diffusers-format LoRA, and checkpoint.pt: everything --resume needs to continue exactly."""
-    save_lora(pipe, out)
+    """checkpoint.pt (everything --resume needs; the one before becomes checkpoint.prev.pt) and the
+    diffusers-format LoRA. Both are written aside first: a failed or cut save leaves the last ones."""
+    import errno
+    import tempfile
+
     state = {"lora": lora_state(pipe.unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-             "step": step, "order": order}
-    atomic_write(out / "checkpoint.pt", lambda p: torch.save(state, p))
+             "step": step, "order": order}  # tensors, numbers and lists: loads with weights_only=True
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".saving") as tmp:
+            torch.save(state, Path(tmp) / "checkpoint.pt")
+            save_lora(pipe, tmp)
+            if (out / "checkpoint.pt").exists():
+                os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
+            for name in ("checkpoint.pt", "pytorch_lora_weights.safetensors"):
+                os.replace(Path(tmp) / name, out / name)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(f"the disk is full: update {step} could not be saved in {out}. The last checkpoint and "
+                          f"LoRA there are intact; free some space and continue with --resume") from e
+        raise
 
 
 def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
@@ -1276,7 +1382,7 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
                         gap=f"{metrics['dist_neg'] - metrics['dist_pos']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
 
 
-def check_args(args):
+def check_args(args, world=1):
     """Check every setting before any model loads: a typo should cost seconds, not a download."""
     for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
                  "lora_rank", "save_every", "grid_prompts", "grid_noises"):
@@ -1348,6 +1454,17 @@ def check_args(args):
                                            and -n <= int(index) < n)):
                 raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
                                  f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
+    ckpt = out / "checkpoint.pt"
+    if args.resume and not ckpt.exists() and (out / "checkpoint.prev.pt").exists():
+        raise FileNotFoundError(f"{ckpt} is missing but checkpoint.prev.pt is there (a save was cut off): "
+                                f"`mv {out / 'checkpoint.prev.pt'} {ckpt}`, then --resume again")
+    if args.resume and ckpt.exists():
+        load_checkpoint(ckpt)  # damaged or foreign: said now, before any model loads
+        args.forced_changes = resume_changes(args, world)
+        if args.forced_changes and not args.force:
+            raise ValueError(f"--resume: settings that shape the run differ from those of the run in {out}:\n  "
+                             + "\n  ".join(args.forced_changes) + "\nResume with the run's settings, start a new run "
+                             "in another --output-dir, or add --force if you mean to change them")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1439,7 +1556,10 @@ def build_parser():
     g.add_argument("--grid-prompts", type=int, default=4, help="rows of the sample grid (the first prompts)")
     g.add_argument("--grid-noises", type=int, default=2, help="columns of the sample grid (fixed noises)")
     g.add_argument("--save-every", type=int, default=100, help="write the LoRA and a resumable checkpoint every N steps")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
+                   "refused if a setting that shapes the run differs from its config.json")
+    g.add_argument("--force", action="store_true", help="with --resume: continue although such settings changed "
+                   "(config.json records them as forced_changes)")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
     return p
 
@@ -1453,11 +1573,17 @@ def main(argv=None):
     rank, world, _ = init_distributed()
     try:
         with all_or_none(world):  # every process checks; the first to fail speaks for all
-            check_args(args)
-        out = train(args)
+            check_args(args, world)
+        with deferred_signals() as stop_asked:
+            out = train(args, stop_asked)
     except PeerFailed:
         return 2
-    except (ValueError, OSError, ImportError) as e:
+    except Stopped as e:
+        if rank == 0:
+            print(f"\nstopped by {signal.Signals(e.signum).name} after update {e.step}; the LoRA and a checkpoint of "
+                  f"that update are in {args.output_dir}: continue with the same command and --resume", file=sys.stderr)
+        return 128 + e.signum  # the shell's code for that signal: 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
+    except (ValueError, OSError, ImportError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

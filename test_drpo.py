@@ -6,8 +6,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
@@ -591,7 +593,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny, tmp_path, monk
     assert run(tiny, tmp_path / "cut", *common, reward="test_drpo:interrupting_reward") == 130
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    assert run(tiny, tmp_path / "cut", *common, "--resume") == 0
+    STOP_AT.update(limit=None)  # the same reward, no longer interrupting (a changed reward would be refused)
+    assert run(tiny, tmp_path / "cut", *common, "--resume", reward="test_drpo:interrupting_reward") == 0
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     drop = ("seconds", "phases_s")
@@ -777,6 +780,200 @@ def test_empty_prompts_file_and_occupied_output_dir_are_refused(tiny, tmp_path, 
     assert drpo.main(argv + ["--output-dir", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "b" / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing lost
+
+
+# ---------------------------------------------------------------- runs that stop ----------
+
+SIGNAL_AT = {"calls": 0, "at": None}
+
+
+def sigterm_reward(images, prompts):
+    """Brightness, but the process sends itself SIGTERM on a given call (preemption mid-update);
+    under torchrun only rank 1 does, at the call DRPO_TEST_SIGTERM_AT."""
+    SIGNAL_AT["calls"] += 1
+    at = int(os.environ.get("DRPO_TEST_SIGTERM_AT", 0)) if os.environ.get("RANK") == "1" else SIGNAL_AT["at"]
+    if at and SIGNAL_AT["calls"] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return drpo.brightness_reward(images, prompts)
+
+
+def metrics_of(out):
+    """metrics.jsonl without the timings."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "phases_s")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_lora(a, b):
+    a, b = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch,
+                                                                                      capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    common = ("--max-steps", "5", "--save-every", "4", "--sample-every", "0")
+    reward = "test_drpo:sigterm_reward"
+    SIGNAL_AT.update(calls=0, at=None)
+    assert run(tiny, tmp_path / "full", *common, reward=reward) == 0
+    SIGNAL_AT.update(calls=0, at=5)  # 2 reward calls per update: the signal comes during update 3
+    assert run(tiny, tmp_path / "cut", *common, reward=reward) == 143
+    assert "stopped by SIGTERM after update 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3  # saved, not lost
+    assert [m["step"] for m in metrics_of(tmp_path / "cut")] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    SIGNAL_AT.update(calls=0, at=None)
+    assert run(tiny, tmp_path / "cut", *common, "--resume", reward=reward) == 0
+    assert metrics_of(tmp_path / "cut") == metrics_of(tmp_path / "full")
+    assert same_lora(tmp_path / "cut", tmp_path / "full")
+
+
+def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_update(tiny, tmp_path):
+    common = ["--model", tiny, "--reward", "test_drpo:sigterm_reward", "--candidates", "8", "--n-pos", "3",
+              "--n-neg", "3", "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "5",
+              "--max-steps", "3"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (see the torchrun test above)
+    try:
+        assert drpo.main(common + ["--reward", "brightness", "--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    os.environ["DRPO_TEST_SIGTERM_AT"] = "2"  # rank 1 only, during update 2 (one reward call per update each)
+    try:
+        r = torchrun(*common, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"))
+    finally:
+        del os.environ["DRPO_TEST_SIGTERM_AT"]
+    assert r.returncode != 0
+    assert r.stderr.count("stopped by SIGTERM after update 2") == 1, r.stderr[-3000:]  # rank 0 says it, once
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["step"] == 2
+    r = torchrun(*common, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for key in ("reward_mean", "pos_mean", "neg_mean", "loss_pref", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_signals_are_deferred_once_and_a_second_ctrl_c_stops_at_once():
+    with drpo.deferred_signals() as asked:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGINT)  # noted, not raised: the update in flight finishes
+        assert asked == [signal.SIGUSR1, signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class WritesMarker:
+    """A pickle that, when unpickled, creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    assert run(tiny, out, "--max-steps", "1", "--sample-every", "0") == 0
+    torch.save({"lora": WritesMarker(marker), "optimizer": {}, "rng": None, "step": 1, "order": []},
+               out / "checkpoint.pt")
+    assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(out / "checkpoint.pt") in err and "not a DrPO checkpoint" in err
+    assert not marker.exists()
+
+
+def test_resume_refuses_changed_settings_before_loading_and_force_records_them(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run(tiny, out, "--max-steps", "1", "--sample-every", "0") == 0
+    capsys.readouterr()
+    real = drpo.load_pipeline
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    assert drpo.main(["--model", tiny, "--reward", "brightness", "--output-dir", str(out), "--candidates", "12",
+                      "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0",
+                      "--max-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "candidates: 8 -> 12" in err and "--force" in err
+    assert "max_steps" not in err  # settings that do not shape the run may change
+    monkeypatch.setattr(drpo, "load_pipeline", real)
+    # 2 processes x accumulation 1 = 1 x 2: the same run; accumulation 4 is not
+    assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--grad-accum", "4", "--resume") == 2
+    assert "grad_accum x world size: 2 -> 4" in capsys.readouterr().err
+    assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--lambda-ref", "0.5", "--resume",
+               "--force") == 0
+    assert json.loads((out / "config.json").read_text())["forced_changes"] == ["lambda_ref: 0.2 -> 0.5"]
+
+
+def test_a_truncated_checkpoint_is_named_and_the_previous_one_resumes(tiny, tmp_path, capsys):
+    common = ("--sample-every", "0", "--save-every", "1")
+    assert run(tiny, tmp_path / "full", *common, "--max-steps", "4") == 0
+    out = tmp_path / "cut"
+    assert run(tiny, out, *common, "--max-steps", "3") == 0
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # the last save cut off
+    assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint.pt'} is damaged" in err and "checkpoint.prev.pt" in err and "Traceback" not in err
+    os.replace(out / "checkpoint.prev.pt", out / "checkpoint.pt")  # the fix the message names
+    assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 0
+    assert metrics_of(out) == metrics_of(tmp_path / "full") and same_lora(out, tmp_path / "full")
+
+
+def test_a_full_disk_while_saving_loses_nothing(tiny, tmp_path, capsys, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    assert run(tiny, tmp_path / "one", "--max-steps", "1", "--sample-every", "0") == 0
+    real, calls = torch.save, []
+
+    def save(*a, **k):  # the first checkpoint is written, the second finds the disk full
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert run(tiny, out, "--max-steps", "3", "--sample-every", "0", "--save-every", "1") == 2
+    assert "the disk is full" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1  # the last good one, whole
+    assert same_lora(out, tmp_path / "one")  # and its LoRA
+    assert not list(out.glob(".saving*"))
+
+
+def test_updates_are_clipped_to_max_grad_norm(tiny, tmp_path, monkeypatch):
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        seen.append(math.sqrt(sum(p.grad.pow(2).sum().item() for g in self.param_groups for p in g["params"])))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    assert run(tiny, tmp_path / "run", "--max-steps", "2", "--sample-every", "0", "--max-grad-norm", "1e-3") == 0
+    logged = [m["grad_norm"] for m in metrics_of(tmp_path / "run")]
+    assert all(g > 1e-2 for g in logged)  # the gradient is far above the clip ...
+    assert len(seen) == 2 and all(s <= 1e-3 * (1 + 1e-4) for s in seen)  # ... and the optimizer sees it clipped
+
+
+def test_out_of_memory_names_the_phase_and_the_remedies_and_keeps_the_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    out, real, calls = tmp_path / "run", drpo.regression_loss, []
+
+    def regression_loss(*a, **k):  # the 5th regression is in update 3 (2 micro-steps per update)
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(drpo, "regression_loss", regression_loss)
+    assert run(tiny, out, "--max-steps", "4", "--sample-every", "0", "--save-every", "2") == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory in the regression phase" in err
+    for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--reward-device cuda:+1", "--reward-batch"):
+        assert remedy in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 # ---------------------------------------------------------------- offline pairs -----------
