@@ -1112,7 +1112,7 @@ class Stopped(Exception):
 @contextlib.contextmanager
 def deferred_signals():
     """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C) only note that a stop was asked (the list
-    yielded): the loop then finishes its update, saves and stops. A second Ctrl-C stops at once."""
+    yielded): the loop then finishes its update, saves and stops. Ctrl-C after that stops at once."""
     import threading
 
     asked = []
