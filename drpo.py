@@ -688,25 +688,25 @@ def random_reward(images, prompts):
                          for im in images])
 
 
-def reward_port(name):
-    """rewards/NAME.py, beside this file: a port of another project's reward model (one
-    self-contained file per model family), imported only when its reward is asked for."""
+def beside(module):
+    """A module of this repository, imported on first use: rewards.NAME (ports of other projects'
+    reward models, one self-contained file each) or examples.tiny_model (the offline demo model)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # drpo imported from another folder
         sys.path.append(here)
-    return importlib.import_module(f"rewards.{name}")
+    return importlib.import_module(module)
 
 
 # name -> constructor(device, dtype, paths); paths: the weight-file flags below (None = from the hub).
 REWARDS = {
-    "hpsv3": lambda device, dtype, p: reward_port("hpsv3").hpsv3_reward(device, p.get("hpsv3_ckpt"),
+    "hpsv3": lambda device, dtype, p: beside("rewards.hpsv3").hpsv3_reward(device, p.get("hpsv3_ckpt"),
                                                                         p.get("hpsv3_base"), dtype),
-    "pickscore": lambda device, dtype, p: reward_port("clip").pickscore_reward(device, dtype),
-    "clip": lambda device, dtype, p: reward_port("clip").clip_reward(device=device, dtype=dtype),
-    "aesthetic": lambda device, dtype, p: reward_port("clip").aesthetic_reward(device=device, dtype=dtype),
-    "imagereward": lambda device, dtype, p: reward_port("imagereward").imagereward_reward(
+    "pickscore": lambda device, dtype, p: beside("rewards.clip").pickscore_reward(device, dtype),
+    "clip": lambda device, dtype, p: beside("rewards.clip").clip_reward(device=device, dtype=dtype),
+    "aesthetic": lambda device, dtype, p: beside("rewards.clip").aesthetic_reward(device=device, dtype=dtype),
+    "imagereward": lambda device, dtype, p: beside("rewards.imagereward").imagereward_reward(
         device, p.get("imagereward_ckpt"), p.get("imagereward_config"), p.get("imagereward_tokenizer"), dtype),
-    "geneval": lambda device, dtype, p: reward_port("geneval").geneval_reward(
+    "geneval": lambda device, dtype, p: beside("rewards.geneval").geneval_reward(
         p.get("geneval_metadata"), device, p.get("geneval_detector"), p.get("geneval_clip"), dtype),
     "brightness": lambda *_: brightness_reward, "jpeg": lambda *_: jpeg_reward, "random": lambda *_: random_reward,
 }
@@ -838,28 +838,11 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
 
 
-def tiny_model_dir(arch="sd"):
-    """Where `--model tiny` / `tiny-sdxl` builds the offline demo model once: the user's cache."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
-
-
 def resolve_model(model):
     """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
-    checked here; `tiny` is built into the cache on first use (aside, then renamed)."""
+    checked here; `tiny` / `tiny-sdxl` are built into the user's cache on first use."""
     if model in TINY_MODELS:
-        path = tiny_model_dir(TINY_MODELS[model])
-        if not (path / "model_index.json").is_file():
-            import shutil
-
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
-            make_tiny(tmp, arch=TINY_MODELS[model])
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process got there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(path)
+        return str(beside("examples.tiny_model").cached(TINY_MODELS[model]))
     path = MODEL_ALIASES.get(model, model)
     local = Path(path).expanduser()
     folder = "a diffusers pipeline folder (the one `pipe.save_pretrained` writes, with model_index.json)"
@@ -945,68 +928,6 @@ def sample_images(pipe, prompts, noises, alpha_bar):
     cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
     z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
     return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, alpha_bar)))
-
-
-def make_tiny(out_dir, seed=0, arch="sd"):
-    """A small SD- or SDXL-architecture pipeline with random weights, saved
-    with save_pretrained so that it loads through the same code as SD-Turbo / SDXL-Turbo."""
-    import tempfile
-
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    torch.manual_seed(seed)
-    eos = vocab["<|endoftext|>"]
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
-        projection_dim=32)
-    text_encoder = CLIPTextModel(text_config)
-    if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    elif arch == "sd":
-        unet = UNet2DConditionModel(
-            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
-    else:
-        raise ValueError(f"--arch {arch}: choose sd or sdxl")
-    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
-    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
-    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
-    z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
-    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
-        for _ in range(8)]
-    with torch.no_grad():
-        vae = max(vaes, key=lambda v: decode(v, 15 * z).mean((1, 2, 3)).std().item())
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
-                 steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
-    if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                         scheduler=EulerAncestralDiscreteScheduler(**betas))
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out_dir)
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------
@@ -1276,7 +1197,7 @@ CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "grid_prompts", "grid_noises", "device", "reward_device",
                "grad_chunk", "gradient_checkpointing", "reward_batch", "grad_accum", "world_size", "resume", "force",
-               "overwrite", "output_dir", "make_tiny", "arch", "mae_ckpt", "dinov2", "forced_changes", *REWARD_PATHS}
+               "overwrite", "output_dir", "mae_ckpt", "dinov2", "forced_changes", *REWARD_PATHS}
 
 
 def load_checkpoint(path):
@@ -1490,8 +1411,6 @@ def build_parser():
     g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a local diffusers pipeline "
                    "folder (SD or SDXL, as its model_index.json says), or `tiny` / `tiny-sdxl`: tiny random pipelines "
                    "for offline demos, built once in ~/.cache/drpo")
-    g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random pipeline (see --arch) to DIR and exit")
-    g.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="architecture of --make-tiny")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size; 512 for "
                    "sd-turbo and sdxl-turbo)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -1566,10 +1485,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.make_tiny:
-        make_tiny(args.make_tiny, arch=args.arch)
-        print(f"wrote a tiny {args.arch.upper()} pipeline to {args.make_tiny}; train on it with --model {args.make_tiny}")
-        return 0
     rank, world, _ = init_distributed()
     try:
         with all_or_none(world):  # every process checks; the first to fail speaks for all

@@ -175,7 +175,7 @@ def evaluate(args):
         raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, one of them")
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
-        geneval = drpo.reward_port("geneval")
+        geneval = drpo.beside("rewards.geneval")
         metadata = geneval.read_metadata(args.geneval)[:args.max_prompts]
         prompts, verdicts = [m["prompt"] for m in metadata], []
         detect = geneval.load_detector(args.reward_device or device, paths["geneval_detector"], paths["geneval_clip"])

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import drpo
+from examples import tiny_model
 from rewards import clip, geneval, hpsv3, imagereward
 
 # outputs of the published HPSv3 and latent-MAE code on random weights (fixtures/README.md)
@@ -310,13 +311,15 @@ def test_missing_mae_checkpoint_says_how_to_get_it():
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    return str(drpo.make_tiny(tmp_path_factory.mktemp("tiny") / "model"))
+    return str(tiny_model.make_tiny(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     path = tmp_path_factory.mktemp("tinyxl") / "model"
-    assert drpo.main(["--make-tiny", str(path), "--arch", "sdxl"]) == 0
+    script = Path(__file__).resolve().parent / "examples" / "tiny_model.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--arch", "sdxl"], capture_output=True, text=True)
+    assert done.returncode == 0 and f"--model {path}" in done.stdout, done.stderr
     return str(path)
 
 
@@ -738,8 +741,9 @@ def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkey
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for name in ("load_pipeline", "load_reward", "load_features", "make_tiny"):
+    for name in ("load_pipeline", "load_reward", "load_features"):
         monkeypatch.setattr(drpo, name, no_loading)
+    monkeypatch.setattr(tiny_model, "make_tiny", no_loading)
     argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
             "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
     assert drpo.main(argv + args) == 2
@@ -750,8 +754,8 @@ def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkey
 def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     built = []
-    make_tiny = drpo.make_tiny
-    monkeypatch.setattr(drpo, "make_tiny", lambda d, **kw: built.append(d) or make_tiny(d, **kw))
+    make_tiny = tiny_model.make_tiny
+    monkeypatch.setattr(tiny_model, "make_tiny", lambda d, **kw: built.append(d) or make_tiny(d, **kw))
     path = drpo.resolve_model("tiny")
     assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v1" and len(built) == 1
     assert drpo.resolve_model("tiny") == path and len(built) == 1  # reused, not rebuilt

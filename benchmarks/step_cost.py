@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import drpo  # noqa: E402
+from examples.tiny_model import make_tiny  # noqa: E402
 
 PRESETS = {
     "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny"),
@@ -64,7 +65,7 @@ def make_sd_turbo_architecture(out_dir):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tiny = drpo.make_tiny(Path(out_dir) / "tiny")  # borrow its byte-level tokenizer
+    tiny = make_tiny(Path(out_dir) / "tiny")  # borrow its byte-level tokenizer
     tokenizer = StableDiffusionPipeline.from_pretrained(tiny).tokenizer
     unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
                                 cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2)
@@ -297,7 +298,7 @@ def main():
         sys.exit("--reward-arch qwen2vl-7b needs a GPU (about 17 GB of weights in bf16)")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(drpo.make_tiny(Path(tmp) / "tiny"))
+        model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(make_tiny(Path(tmp) / "tiny"))
         ratio = forward_ratio(model, arch, preset["resolution"], device)
         _NET.clear()
         print(f"reward forward per image / UNet forward per sample: {ratio:.1f}x", flush=True)

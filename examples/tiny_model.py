@@ -1,0 +1,107 @@
+"""A tiny SD- or SDXL-architecture pipeline with random weights, for offline demos and tests.
+
+    python examples/tiny_model.py DIR [--arch sdxl]     # write one to DIR
+    python drpo.py --model tiny ...                     # or let drpo.py build it once in the cache
+
+It is saved with `save_pretrained` and loaded back by drpo.py through the same code as SD-Turbo
+and SDXL-Turbo; on 2 CPU cores it trains a DrPO step in well under a second. Not part of the
+method: nothing here is needed to train a real model.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def cached(arch="sd"):
+    """The tiny model in the user's cache (`$XDG_CACHE_HOME/drpo`), built there on first use: aside,
+    then renamed, so a folder that exists is always whole."""
+    import shutil
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
+    if not (path / "model_index.json").is_file():
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
+        make_tiny(tmp, arch=arch)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def make_tiny(out_dir, seed=0, arch="sd"):
+    """A small SD- or SDXL-architecture pipeline with random weights, saved with save_pretrained so
+    that drpo.py loads it through the same code as SD-Turbo / SDXL-Turbo."""
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    torch.manual_seed(seed)
+    eos = vocab["<|endoftext|>"]
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
+        projection_dim=32)
+    text_encoder = CLIPTextModel(text_config)
+    if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    elif arch == "sd":
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+    else:
+        raise ValueError(f"--arch {arch}: choose sd or sdxl")
+    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
+    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
+    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
+    z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
+    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
+        for _ in range(8)]
+    with torch.no_grad():
+        brightness = [(v.decode(15 * z / v.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).mean((1, 2, 3))
+                      for v in vaes]  # images in [0, 1], as drpo.decode gives them
+    vae = vaes[max(range(len(vaes)), key=lambda i: brightness[i].std().item())]
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+                 steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=EulerAncestralDiscreteScheduler(**betas))
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Write a tiny random SD or SDXL pipeline (diffusers folder) to DIR.")
+    ap.add_argument("dir", help="output folder")
+    ap.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="architecture")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    a = ap.parse_args()
+    make_tiny(a.dir, a.seed, a.arch)
+    print(f"wrote a tiny {a.arch.upper()} pipeline to {a.dir}; train on it with python drpo.py --model {a.dir}")
