@@ -299,7 +299,6 @@ def decode(vae, latents):
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> PIL images, rounded like the diffusers pipeline."""
     from PIL import Image
-
     arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arr]
 
@@ -336,7 +335,8 @@ def feature_sets(fx, fr, pos_idx, neg_idx):
 def train(args, stop_asked=()):
     """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts,
     then one AdamW step of the LoRA. Writes the LoRA, metrics, sample grids and checkpoints.
-    stop_asked: a list that signals append to (deferred_signals); the loop then saves and stops."""
+    stop_asked: a list that signals append to (deferred_signals): the loop then saves and stops,
+    and returns that signal's number (None when it ran to --max-steps)."""
     from tqdm import tqdm
 
     # One process, or one of `world` under torchrun: each process runs every world-th micro-step,
@@ -387,7 +387,8 @@ def train(args, stop_asked=()):
     step, order = start_or_resume(args, unet, optimizer, rng, rank, world)
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
-    while step < args.max_steps:
+    stop = False
+    while step < args.max_steps and not stop:
         times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
         log = {"scores": [], "pos": [], "neg": [], **dict.fromkeys(STATS, 0.0)}
         # an error in one process (NaN scores, ...) stops all, none left waiting
@@ -482,12 +483,16 @@ def train(args, stop_asked=()):
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
             if stop or step % args.save_every == 0 or step == args.max_steps:
                 save_checkpoint(out, pipe, optimizer, rng, step, order)
-        if stop:
-            if world > 1:
-                dist.barrier()  # rank 0 has saved before any process leaves
-            raise Stopped(stop_asked[0] if stop_asked else signal.SIGTERM, step)
+        if stop and world > 1:
+            dist.barrier()  # rank 0 has saved before any process leaves
     bar.close()
-    return out
+    if not stop:
+        return None
+    signum = (stop_asked or [signal.SIGTERM])[0]
+    if rank == 0:
+        print(f"\nstopped by {signal.Signals(signum).name} after update {step}; the LoRA and a checkpoint of that "
+              f"update are in {out}: continue with the same command and --resume", file=sys.stderr)
+    return signum
 
 
 # ----------------------------------------------------------------------------------------
@@ -508,11 +513,6 @@ def map_stats(fmap, prefix):
         out[f"{prefix}_mean_{p}"] = patches.mean(-1)
         out[f"{prefix}_std_{p}"] = (patches.var(-1, unbiased=False) + 1e-6).sqrt()
     return out
-
-
-def latent_features():
-    """The latents themselves (an ablation: the paper finds them worse than the base model)."""
-    return lambda latents, noise=None, cond=None: map_stats(latents, "latent")
 
 
 def check_mae_ckpt(ckpt_path):
@@ -577,7 +577,6 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
     same draw. The default blocks are the published ones (down_blocks.-1 = down_blocks.2 on SDXL).
     """
     from torch.utils.checkpoint import checkpoint
-
     modules = {}
     for name in layers:
         m = unet
@@ -624,20 +623,18 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
 def dinov2_features(vae, model_id="facebook/dinov2-base", device="cpu", dtype=torch.float32):
     """Decode with the VAE (with gradient), then DINOv2: the CLS token and patch-token statistics."""
     from transformers import AutoModel
-
     try:
         net = AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
     except OSError as e:
         raise OSError(f"could not load DINOv2 {model_id!r} ({str(e).splitlines()[0]}); download it with "
-                           f"`hf download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+                      f"`hf download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)  # ImageNet's
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    patch = net.config.patch_size
 
     def phi(latents, noise=None, cond=None):
         img = F.interpolate(decode(vae, latents), size=(224, 224), mode="bilinear", antialias=True)
         hidden = net(pixel_values=((img - mean) / std).to(dtype)).last_hidden_state.float()
-        side = 224 // patch
+        side = 224 // net.config.patch_size
         grid = hidden[:, 1:].transpose(1, 2).reshape(len(img), -1, side, side)
         return {"dinov2_cls": hidden[:, :1], **map_stats(grid, "dinov2")}
 
@@ -650,22 +647,18 @@ FEATURES = ("unet", "mae", "latent", "dinov2")
 def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-1", "mid_block", "up_blocks.0"),
                   dinov2="facebook/dinov2-base", device="cpu"):
     """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES).
-    noise and cond (the latents' prompt conditioning) are used by the teacher-UNet features only."""
-    if name == "mae":
-        return mae_features(mae_ckpt, device)
-    if name == "latent":
-        return latent_features()
-    if name == "unet":
-        return unet_features(pipe.unet, unet_layers)
-    if name == "dinov2":
-        return dinov2_features(pipe.vae, dinov2, device, pipe.vae.dtype)
-    raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
+    noise and cond (the latents' prompt conditioning) are used by the teacher-UNet features only.
+    `latent` is the latents themselves, an ablation the paper finds worse than the base model."""
+    if name not in FEATURES:
+        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
+    return {"mae": lambda: mae_features(mae_ckpt, device), "unet": lambda: unet_features(pipe.unet, unet_layers),
+            "latent": lambda: lambda latents, noise=None, cond=None: map_stats(latents, "latent"),
+            "dinov2": lambda: dinov2_features(pipe.vae, dinov2, device, pipe.vae.dtype)}[name]()
 
 
 def brightness_reward(images, prompts):
     """Mean pixel value in [0, 1]: a toy reward with an obvious optimum, for demos and tests."""
     import numpy as np
-
     return torch.tensor([float(np.asarray(im.convert("RGB"), dtype=np.float32).mean() / 255) for im in images])
 
 
@@ -683,7 +676,6 @@ def random_reward(images, prompts):
     """Uniform noise, drawn from a hash of the pixels: the control run that shows gains come from
     the reward. Deterministic in the image, so resumed runs see the same scores."""
     import hashlib
-
     return torch.tensor([int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "little") / 2 ** 64
                          for im in images])
 
@@ -731,9 +723,7 @@ def parse_reward_spec(spec):
     """--reward -> [(name, weight)], checked without loading any model: every name is known or an
     importable `module:function`, every weight a number."""
     parsed = []
-    for m in (m.strip() for m in spec.split(",")):
-        if not m:
-            continue
+    for m in filter(None, (m.strip() for m in spec.split(","))):
         name, weight = m, 1.0
         head, sep, tail = m.rpartition(":")
         if sep:  # NAME:WEIGHT, unless the tail is a function name
@@ -807,7 +797,6 @@ def _as_scores(out, n, name):
 def add_lora(unet, rank, alpha, targets):
     """Freeze the UNet and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
     from peft import LoraConfig
-
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
                                 target_modules=list(targets)))
@@ -819,7 +808,6 @@ def add_lora(unet, rank, alpha, targets):
 
 def lora_state(unet):
     from peft.utils import get_peft_model_state_dict
-
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
 
 
@@ -827,7 +815,6 @@ def save_lora(pipe, out_dir):
     """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
     save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
     from diffusers.utils import convert_state_dict_to_diffusers
-
     type(pipe).save_lora_weights(out_dir, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
                                  unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
 
@@ -867,7 +854,6 @@ def model_configs(model):
     """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
     it, never guessed from the model's name) and its UNet and VAE configs, read without weights."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-
     path = resolve_model(model)
     try:
         name = DiffusionPipeline.load_config(path)["_class_name"]
@@ -884,7 +870,6 @@ def model_configs(model):
 def load_pipeline(model, dtype=torch.float32):
     """The pipeline class the folder names (SD or SDXL), every weight frozen: the LoRA is all that trains."""
     import diffusers
-
     path, name, _, _ = model_configs(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
     try:
@@ -1022,31 +1007,20 @@ def stopwatch(device):
     return times, lap
 
 
-class Stopped(Exception):
-    """A signal asked the run to stop; it stopped after a whole update and saved it."""
-
-    def __init__(self, signum, step):
-        super().__init__(signum, step)
-        self.signum, self.step = signum, step
-
-
 @contextlib.contextmanager
 def deferred_signals():
     """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C) only note that a stop was asked (the list
     yielded): the loop then finishes its update, saves and stops. Ctrl-C after that stops at once."""
     import threading
-
     asked = []
-    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
-        yield asked
-        return
 
     def note(signum, frame):
         if asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
         asked.append(signum)
 
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may take signals
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)} if main else {}
     try:
         yield asked
     finally:
@@ -1106,7 +1080,6 @@ def read_pairs(path):
     file's folder, or absolute) -> {prompt: (chosen paths, rejected paths)} in file order. Every
     line and image is checked here, before anything loads; errors name the file and line."""
     from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--pairs {path}: no such file; give a JSON-lines file with one "
@@ -1157,7 +1130,6 @@ def encode_images(pipe, paths, side, batch_size=8):
     side resized to `side` (bicubic), then center-cropped, as the training samples are framed."""
     import numpy as np
     from PIL import Image
-
     latents = []
     for i in range(0, len(paths), batch_size):
         arrays = []
@@ -1182,7 +1154,6 @@ def atomic_write(path, write):
 def image_grid(images, cols):
     """Paste equally sized PIL images row by row into one image, cols per row."""
     from PIL import Image
-
     w, h = images[0].size
     grid = Image.new("RGB", (w * cols, h * math.ceil(len(images) / cols)))
     for i, im in enumerate(images):
@@ -1191,8 +1162,6 @@ def image_grid(images, cols):
 
 
 STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref")  # drpo_targets' stats
-
-
 CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "grid_prompts", "grid_noises", "device", "reward_device",
@@ -1202,7 +1171,7 @@ RESUME_FREE = {"max_steps", "save_every", "sample_every", "grid_prompts", "grid_
 
 def load_checkpoint(path):
     """checkpoint.pt as plain tensors, numbers and lists (weights_only: nothing in the file is run)."""
-    prev = Path(path).with_name("checkpoint.prev.pt")
+    prev = path.with_name("checkpoint.prev.pt")
     fix = (f"If its last save was cut off, resume from the one before: `mv {prev} {path}`; or start over with "
            f"--overwrite" if prev.is_file() else "Start over with --overwrite, or pass another --output-dir")
     try:
@@ -1215,21 +1184,6 @@ def load_checkpoint(path):
     return ckpt
 
 
-def resume_changes(args, world):
-    """Each setting that shapes the run and differs from the saved config.json, as `name: old -> new`."""
-    path = Path(args.output_dir) / "config.json"
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps({**vars(args), "world_size": world}))  # tuples as lists, as saved
-    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k not in RESUME_FREE and old.get(k) != new.get(k)]
-    accum = old.get("grad_accum", 1) * old.get("world_size", 1), args.grad_accum * world
-    if accum[0] != accum[1]:  # micro-steps per update: grad_accum x processes may move between the two
-        changes.append(f"grad_accum x world size: {accum[0]} -> {accum[1]}")
-    return changes
-
-
 def start_or_resume(args, unet, optimizer, rng, rank, world):
     """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume
     loads LoRA, optimizer and generator state from the checkpoint and drops metrics logged after it."""
@@ -1238,7 +1192,6 @@ def start_or_resume(args, unet, optimizer, rng, rank, world):
     step, order = 0, []
     if args.resume and ckpt_path.exists():
         from peft.utils import set_peft_model_state_dict
-
         ckpt = load_checkpoint(ckpt_path)
         set_peft_model_state_dict(unet, ckpt["lora"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1264,7 +1217,6 @@ def save_checkpoint(out, pipe, optimizer, rng, step, order):
     diffusers-format LoRA. Both are written aside first: a failed or cut save leaves the last ones."""
     import errno
     import tempfile
-
     state = {"lora": lora_state(pipe.unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
              "step": step, "order": order}  # tensors, numbers and lists: loads with weights_only=True
     try:
@@ -1283,45 +1235,40 @@ def save_checkpoint(out, pipe, optimizer, rng, step, order):
 
 
 def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
-    """One line of metrics.jsonl per update, and the progress bar's live statistics."""
+    """One line of metrics.jsonl per update, and the progress bar's live statistics: what moves when
+    DrPO learns (the regression loss is mean(V^2) of a normalized field, nearly constant)."""
     scores, pos, neg = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
-    metrics = {"step": step, **({"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-                                 "pos_mean": pos.mean().item(), "neg_mean": neg.mean().item()} if len(scores) else {}),
-               **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+    ranked = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(), "pos_mean": pos.mean().item(),
+              "neg_mean": neg.mean().item(), "gap": (pos.mean() - neg.mean()).item()} if len(scores) else {
+              "gap": log["dist_neg"] - log["dist_pos"]}  # offline: rejected minus chosen distance
+    metrics = {"step": step, **ranked, **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                "seconds": sum(times.values()), "phases_s": times}
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     bar.update(1)
-    # What moves when DrPO learns: the reward and the top-bottom gap it ranks on (offline: the distances
-    # to the chosen and rejected images), and the distance to G_0. (The regression loss is mean(V^2) of
-    # a normalized field: nearly constant by construction.)
-    if len(scores):
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}",
-                        gap=f"{metrics['pos_mean'] - metrics['neg_mean']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
-    else:
-        bar.set_postfix(chosen=f"{metrics['dist_pos']:.3g}", rejected=f"{metrics['dist_neg']:.3g}",
-                        gap=f"{metrics['dist_neg'] - metrics['dist_pos']:.3g}", ref_dist=f"{metrics['dist_ref']:.3g}")
+    shown = ("reward_mean", "reward_std", "gap", "dist_ref") if len(scores) else ("dist_pos", "dist_neg", "gap", "dist_ref")
+    bar.set_postfix({k.replace("dist_pos", "chosen").replace("dist_neg", "rejected"): f"{metrics[k]:.4g}" for k in shown})
 
 
 def check_args(args, world=1):
     """Check every setting before any model loads: a typo should cost seconds, not a download."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
     for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
                  "lora_rank", "save_every", "grid_prompts", "grid_noises"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
     for name in ("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"):
         if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not args.lambda_ref >= 0:
-        raise ValueError(f"--lambda-ref must be 0 (no reference drift) or positive, got {args.lambda_ref}")
+            raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("lambda_ref", "grad_chunk", "sample_every"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"{flag(name)} must be 0 (off) or positive, got {getattr(args, name)}")
     for name in ("radii", "ref_radii"):
         if not getattr(args, name) or not all(r > 0 for r in getattr(args, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive numbers separated by commas, "
+            raise ValueError(f"{flag(name)} must be positive numbers separated by commas, "
                              f"e.g. 0.02,0.05,0.2; got {','.join(map(str, getattr(args, name)))}")
-    if args.grad_chunk < 0:
-        raise ValueError("--grad-chunk must be 0 (off) or a positive number of candidates")
-    if args.sample_every < 0:
-        raise ValueError("--sample-every must be 0 (never) or a positive number of steps")
     if args.n_pos + args.n_neg > args.candidates:
         raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
                          f"positives and negatives must be disjoint candidates")
@@ -1341,19 +1288,16 @@ def check_args(args, world=1):
             reward_device_of(args.reward_device, torch.device("cpu"), 0)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
+    if args.pairs and (args.reward or args.prompts):
+        raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the preferences); "
+                         "drop " + " and ".join(f for f in ("--reward", "--prompts") if getattr(args, f[2:])))
     if args.pairs:
-        if args.reward or args.prompts:
-            raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the "
-                             "preferences); drop " + " and ".join(f for f, v in (("--reward", args.reward),
-                                                                                ("--prompts", args.prompts)) if v))
         read_pairs(args.pairs)
-    else:
-        args.reward = args.reward or "hpsv3"
+    args.reward = None if args.pairs else args.reward or "hpsv3"
     rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
     for key in REWARD_PATHS:
-        path = getattr(args, key)
-        if key.split("_")[0] in rewards and path and not Path(path).exists():
-            raise FileNotFoundError(f"--{key.replace('_', '-')} {path}: no such file or folder")
+        if key.split("_")[0] in rewards and getattr(args, key) and not Path(getattr(args, key)).exists():
+            raise FileNotFoundError(f"{flag(key)} {getattr(args, key)}: no such file or folder")
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
@@ -1366,22 +1310,27 @@ def check_args(args, world=1):
     if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
         raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
                          f"downsampling), e.g. {max(factor, round(args.resolution / factor) * factor)}")
-    if args.features == "unet":
-        n = len(unet_cfg["down_block_types"])
-        for layer in args.unet_layers.split(","):
-            top, _, index = layer.partition(".")
-            index = index.split(".")[0]
-            if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
-                                           and -n <= int(index) < n)):
-                raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
-                                 f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
+    n = len(unet_cfg["down_block_types"])
+    for layer in args.unet_layers.split(",") if args.features == "unet" else ():
+        top, _, index = layer.partition(".")
+        index = index.split(".")[0]
+        if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
+                                       and -n <= int(index) < n)):
+            raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
+                             f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
     ckpt = out / "checkpoint.pt"
     if args.resume and not ckpt.exists() and (out / "checkpoint.prev.pt").exists():
         raise FileNotFoundError(f"{ckpt} is missing but checkpoint.prev.pt is there (a save was cut off): "
                                 f"`mv {out / 'checkpoint.prev.pt'} {ckpt}`, then --resume again")
-    if args.resume and ckpt.exists():
+    if args.resume and ckpt.exists() and (out / "config.json").is_file():
         load_checkpoint(ckpt)  # damaged or foreign: said now, before any model loads
-        args.forced_changes = resume_changes(args, world)
+        old = json.loads((out / "config.json").read_text())
+        new = json.loads(json.dumps({**vars(args), "world_size": world}))  # tuples as lists, as saved
+        args.forced_changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                               if k not in RESUME_FREE and old.get(k) != new.get(k)]
+        accum = old.get("grad_accum", 1) * old.get("world_size", 1), args.grad_accum * world
+        if accum[0] != accum[1]:  # micro-steps per update: may move between grad_accum and processes
+            args.forced_changes.append(f"grad_accum x world size: {accum[0]} -> {accum[1]}")
         if args.forced_changes and not args.force:
             raise ValueError(f"--resume: settings that shape the run differ from those of the run in {out}:\n  "
                              + "\n  ".join(args.forced_changes) + "\nResume with the run's settings, start a new run "
@@ -1490,14 +1439,9 @@ def main(argv=None):
         with all_or_none(world):  # every process checks; the first to fail speaks for all
             check_args(args, world)
         with deferred_signals() as stop_asked:
-            out = train(args, stop_asked)
+            stopped_by = train(args, stop_asked)
     except PeerFailed:
         return 2
-    except Stopped as e:
-        if rank == 0:
-            print(f"\nstopped by {signal.Signals(e.signum).name} after update {e.step}; the LoRA and a checkpoint of "
-                  f"that update are in {args.output_dir}: continue with the same command and --resume", file=sys.stderr)
-        return 128 + e.signum  # the shell's code for that signal: 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
     except (ValueError, OSError, ImportError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1509,8 +1453,10 @@ def main(argv=None):
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if stopped_by:
+        return 128 + stopped_by  # the shell's code for that signal: 143 SIGTERM, 130 SIGINT, 138 SIGUSR1
     if rank == 0:
-        print(f"done: LoRA in {out / 'pytorch_lora_weights.safetensors'}")
+        print(f"done: LoRA in {Path(args.output_dir) / 'pytorch_lora_weights.safetensors'}")
     return 0
 
 
