@@ -481,6 +481,8 @@ def train(args, stop_asked=()):
                                       len(grid_noises))
                 (out / "samples").mkdir(exist_ok=True)
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+            if stop or step == args.max_steps or (args.sample_every and step % args.sample_every == 0):
+                plot_curves([out], out / "curves.png")
             if stop or step % args.save_every == 0 or step == args.max_steps:
                 save_checkpoint(out, pipe, optimizer, rng, step, order)
         if stop and world > 1:
@@ -1246,8 +1248,43 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     bar.update(1)
-    shown = ("reward_mean", "reward_std", "gap", "dist_ref") if len(scores) else ("dist_pos", "dist_neg", "gap", "dist_ref")
-    bar.set_postfix({k.replace("dist_pos", "chosen").replace("dist_neg", "rejected"): f"{metrics[k]:.4g}" for k in shown})
+    shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
+             {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
+    bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", ref_dist=f"{metrics['dist_ref']:.4g}")
+
+
+def plot_curves(runs, path):
+    """curves.png: over updates, the reward's mean and spread, the gap, the distance to the base
+    samples and the gradient norm, one line per run (on pairs: the distances to the chosen and
+    rejected images instead of the reward). matplotlib is imported here only: the method needs torch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("curves.png skipped: `pip install matplotlib` to draw it", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for run in map(Path, runs):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
+        if "reward_mean" in col:
+            mean, std = col["reward_mean"], col["reward_std"]
+            axes[0].plot(col["step"], mean, label=run.name)
+            axes[0].fill_between(col["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                 alpha=0.2)
+        elif col:
+            axes[0].plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
+            axes[0].plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
+        for ax, key in zip(axes[1:], ("gap", "dist_ref", "grad_norm")):
+            ax.plot(col.get("step", []), col.get(key, []))
+    for ax, title in zip(axes, ("reward, mean ± std (pairs: distances)", "gap (pairs: rejected − chosen)",
+                                "feature distance to the base samples", "gradient norm (before clipping)")):
+        ax.set(title=title, xlabel="update")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
 
 
 def check_args(args, world=1):

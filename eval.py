@@ -17,6 +17,8 @@ GenEval: the metadata's prompts, 4 seeds each, every image judged by rewards/gen
 Mask2Former is transformers' COCO checkpoint, not the benchmark's mmdetection file, so scores are
 close to but not the official ones). Prints accuracy per task and the overall score (the mean of
 the task accuracies); geneval.csv has each image's verdict and the reason it failed.
+
+    python eval.py --curves runs/a runs/b --out curves/     # several runs' curves on one figure
 """
 import argparse
 import csv
@@ -147,6 +149,8 @@ def build_parser():
                    "fetched from the hub with `datasets`)")
     p.add_argument("--geneval", metavar="FILE.jsonl", help="run GenEval on its evaluation_metadata.jsonl instead of "
                    "rewards on --prompts")
+    p.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="instead of evaluating: draw the curves of these "
+                   "drpo.py runs (their metrics.jsonl) on one figure, OUT/curves.png")
     p.add_argument("--paper-scales", action="store_true", help="report ImageReward x10 as the paper's tables do "
                    "(PickScore and aesthetic are reported as computed)")
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
@@ -251,6 +255,16 @@ def evaluate(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.curves:
+        missing = [d for d in args.curves if not (Path(d) / "metrics.jsonl").is_file()]
+        if missing:
+            print(f"error: --curves {' '.join(missing)}: no metrics.jsonl there; pass drpo.py --output-dir folders",
+                  file=sys.stderr)
+            return 2
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        drpo.plot_curves(args.curves, Path(args.out) / "curves.png")
+        print(f"wrote {Path(args.out) / 'curves.png'}")
+        return 0
     try:
         evaluate(args)
     except (ValueError, OSError, ImportError) as e:

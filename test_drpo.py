@@ -1613,6 +1613,38 @@ def test_eval_refuses_bad_input(trained, tmp_path, capsys):
     assert not (tmp_path / "ev").exists()  # nothing written on failure
 
 
+# ---------------------------------------------------------------- pictures ----------------
+
+def test_toy2d_moves_toward_the_reward_and_lambda_ref_holds_it_near_the_base(tmp_path):
+    toy2d = importlib.import_module("examples.toy2d")
+    free, _ = toy2d.train(60, lambda_ref=0.5)
+    held, _ = toy2d.train(60, lambda_ref=3.0)
+    first, last = sum(free["reward"][:10]) / 10, sum(free["reward"][-10:]) / 10
+    assert last > first + 0.3  # the cloud reached the ring (mean reward -0.81 -> -0.24 measured)
+    assert held["ref_dist"][-1] < 0.5 * free["ref_dist"][-1]  # a larger lambda_ref keeps it closer to the base
+    toy2d.main(["--out", str(tmp_path), "--steps", "12", "--frames", "3"])
+    from PIL import Image
+
+    with Image.open(tmp_path / "toy2d.gif") as gif:
+        assert gif.n_frames == 3
+    with Image.open(tmp_path / "toy2d.png") as png:
+        assert png.width > png.height > 100
+
+
+def test_curves_are_drawn_for_a_run_and_for_several_runs(tiny, tmp_path, capsys):
+    import eval as ev
+    from PIL import Image
+
+    for name in ("a", "b"):
+        assert run(tiny, tmp_path / name, "--max-steps", "3", "--sample-every", "0") == 0
+        with Image.open(tmp_path / name / "curves.png") as im:  # written at the end even without grids
+            assert im.width > 4 * 100
+    assert ev.main(["--curves", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")]) == 0
+    assert (tmp_path / "both" / "curves.png").is_file()
+    assert ev.main(["--curves", str(tmp_path / "nothing"), "--out", str(tmp_path / "none")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- benchmarks --------------
 
 def test_hpsv3_cost_stand_in_patchifies_like_qwen2vl_and_passes_gradient():
