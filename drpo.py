@@ -315,12 +315,11 @@ def lora_off(unet):
 
 
 def feature_sets(fx, fr, pos_idx, neg_idx):
-    """The four feature sets of one micro-step, {key: (B, set size, D)} each: gen (all K samples
-    of a prompt), pos / neg (its own top / bottom candidates), ref (the base samples on the same
-    noises). fr: {key: (B*K, T, D)} features of the base samples, prompt by prompt; fx: those of
-    the samples, each prompt's K followed by its extra anchors if any (offline pairs);
-    pos_idx, neg_idx: (B, n) indices into each prompt's rows of fx, e.g. from select_pos_neg. A
-    set pools the tokens of its candidates."""
+    """The four feature sets of one micro-step, {key: (B, set size, D)}: gen (all K samples of a
+    prompt), pos / neg (its top / bottom candidates), ref (the base samples on the same noises).
+    fr: {key: (B*K, T, D)} base-sample features, prompt by prompt; fx: the samples', each prompt's
+    K followed by its extra anchors if any (offline pairs); pos_idx, neg_idx: (B, n) indices into
+    each prompt's rows of fx. A set pools the tokens of its candidates."""
     B = pos_idx.shape[0]
     rows = torch.arange(B, device=pos_idx.device)[:, None]
     gen, pos, neg, ref = {}, {}, {}, {}
@@ -339,8 +338,8 @@ def train(args, stop_asked=()):
     and returns that signal's number (None when it ran to --max-steps)."""
     from tqdm import tqdm
 
-    # One process, or one of `world` under torchrun: each process runs every world-th micro-step,
-    # then one all-reduce sums the LoRA gradients; rank 0 writes all outputs.
+    # One process, or one of `world` under torchrun: each runs every world-th micro-step, then one
+    # all-reduce sums the LoRA gradients (docs/scaling.md); rank 0 writes all outputs.
     rank, world, local_rank = init_distributed()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -482,16 +481,14 @@ def train(args, stop_asked=()):
                 (out / "samples").mkdir(exist_ok=True)
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
             if stop or step == args.max_steps or (args.sample_every and step % args.sample_every == 0):
-                plot_curves([out], out / "curves.png")
+                beside("eval").plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
             if stop or step % args.save_every == 0 or step == args.max_steps:
                 save_checkpoint(out, pipe, optimizer, rng, step, order)
         if stop and world > 1:
             dist.barrier()  # rank 0 has saved before any process leaves
     bar.close()
-    if not stop:
-        return None
-    signum = (stop_asked or [signal.SIGTERM])[0]
-    if rank == 0:
+    signum = (stop_asked or [signal.SIGTERM])[0] if stop else None
+    if signum and rank == 0:
         print(f"\nstopped by {signal.Signals(signum).name} after update {step}; the LoRA and a checkpoint of that "
               f"update are in {out}: continue with the same command and --resume", file=sys.stderr)
     return signum
@@ -508,9 +505,7 @@ def map_stats(fmap, prefix):
     fmap = fmap.to(torch.promote_types(fmap.dtype, torch.float32))  # fp32, or fp64 if given
     out = {f"{prefix}_mean": fmap.mean((2, 3))[:, None],
            f"{prefix}_std": (fmap.var((2, 3), unbiased=False) + 1e-6).sqrt()[:, None]}
-    for p in (2, 4):
-        if h % p or w % p:
-            continue
+    for p in (p for p in (2, 4) if h % p == 0 and w % p == 0):
         patches = fmap.reshape(B, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C, p * p)
         out[f"{prefix}_mean_{p}"] = patches.mean(-1)
         out[f"{prefix}_std_{p}"] = (patches.var(-1, unbiased=False) + 1e-6).sqrt()
@@ -526,7 +521,7 @@ def check_mae_ckpt(ckpt_path):
 
 
 def mae_features(ckpt_path, device="cpu"):
-    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (layout: README, feature maps).
+    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (docs/features.md).
     Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
     check_mae_ckpt(ckpt_path)
     raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -534,9 +529,7 @@ def mae_features(ckpt_path, device="cpu"):
     layers = raw.get("metadata", {}).get("model_config", {}).get("layers", [3, 4, 6, 3])
     W = {}
     for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        name, _, kind = k.rpartition(".")
+        name, _, kind = k.removeprefix("module.").removeprefix("_orig_mod.").rpartition(".")
         if kind == "kernel":  # JAX layout (H, W, in, out) -> torch (out, in, H, W)
             v = v.permute(3, 2, 0, 1)
         W[name + {"kernel": ".weight", "scale": ".weight"}.get(kind, "." + kind)] = v.float().to(device)
@@ -574,9 +567,9 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
     latent + noise_level * noise at timestep t, average-pooled to 4x4, one vector per block.
 
     Conditioned on the latent's own prompt (cond = unet_conditioning rows), as the published
-    SDXL-Turbo trainer does; every set of a prompt is featurized under the same conditioning. The
-    caller passes the noise so that a latent featurized twice (ranking, then regression) sees the
-    same draw. The default blocks are the published ones (down_blocks.-1 = down_blocks.2 on SDXL).
+    SDXL-Turbo trainer does. The caller passes the noise so that a latent featurized twice
+    (ranking, then regression) sees the same draw. The default blocks are the published ones
+    (down_blocks.-1 = down_blocks.2 on SDXL).
     """
     from torch.utils.checkpoint import checkpoint
     modules = {}
@@ -589,14 +582,12 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
     def teacher(x, cond):
         outs, checkpointing = {}, unet.is_gradient_checkpointing
 
-        def hook(name):
-            def fn(module, inputs, output):
-                outs[name] = output[0] if isinstance(output, tuple) else output
-                if len(outs) == len(modules):
-                    raise _StopForward
-            return fn
+        def hook(module, inputs, output):
+            outs[module] = output[0] if isinstance(output, tuple) else output
+            if len(outs) == len(modules):
+                raise _StopForward
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        handles = [m.register_forward_hook(hook) for m in modules.values()]
         try:
             if checkpointing:  # phi checkpoints the teacher as a whole instead (see below)
                 unet.disable_gradient_checkpointing()
@@ -607,7 +598,7 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
                 h.remove()
             if checkpointing:
                 unet.enable_gradient_checkpointing()
-        return [outs[n] for n in modules]
+        return [outs[m] for m in modules.values()]
 
     def phi(latents, noise, cond):
         x = latents + noise_level * noise
@@ -675,8 +666,8 @@ def jpeg_reward(images, prompts):
 
 
 def random_reward(images, prompts):
-    """Uniform noise, drawn from a hash of the pixels: the control run that shows gains come from
-    the reward. Deterministic in the image, so resumed runs see the same scores."""
+    """Uniform noise from a hash of the pixels: the control run that shows gains come from the
+    reward. Deterministic in the image, so resumed runs see the same scores."""
     import hashlib
     return torch.tensor([int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "little") / 2 ** 64
                          for im in images])
@@ -684,10 +675,11 @@ def random_reward(images, prompts):
 
 def beside(module):
     """A module of this repository, imported on first use: rewards.NAME (ports of other projects'
-    reward models, one self-contained file each) or examples.tiny_model (the offline demo model)."""
+    reward models, one self-contained file each), examples.tiny_model (the offline demo model), eval."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # drpo imported from another folder
         sys.path.append(here)
+    sys.modules.setdefault("drpo", sys.modules[__name__])  # eval.py's `import drpo` is this module, run as a script
     return importlib.import_module(module)
 
 
@@ -757,12 +749,10 @@ def custom_reward(spec):
 def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
 
-    spec: a reward name, `module.path:function`, or a comma list of members `NAME[:WEIGHT]`
-    (each member z-scored over the call's images, then weighted and summed). Scores are
-    computed under no_grad in batches of batch_size images. dtype of the reward networks: None =
-    bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name (e.g. hpsv3_ckpt=FILE), and
-    geneval_metadata=FILE.jsonl for the geneval reward.
-    """
+    spec: a reward name, `module.path:function`, or a comma list of `NAME[:WEIGHT]` (each member
+    z-scored over the call's images, then weighted and summed). Scores are computed under no_grad
+    in batches of batch_size images; NaN stops. dtype: None = bf16 on CUDA, fp32 otherwise.
+    paths: weight files by REWARD_PATHS name, and geneval_metadata=FILE.jsonl for geneval."""
     if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
     dtype = dtype or precision_dtype("auto", device)
@@ -775,25 +765,21 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
             raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
         total = 0.0
         for name, fn, w in fns:
-            s = torch.cat([_as_scores(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
-                                      len(images[i:i + batch_size]), name)
+            s = torch.cat([torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
+                                           dtype=torch.float32).detach().cpu().flatten()
                            for i in range(0, len(images), batch_size)])
+            if s.numel() != len(images):
+                raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
+                                 f"one float per image")
+            if not torch.isfinite(s).all():
+                raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
+                                 f"(training stops rather than rank on invalid scores)")
             if len(fns) == 1:
                 return s
             total = total + w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8)
         return total
 
     return reward
-
-
-def _as_scores(out, n, name):
-    s = torch.as_tensor(out, dtype=torch.float32).detach().cpu().flatten()
-    if s.numel() != n:
-        raise ValueError(f"reward {name!r} returned {s.numel()} scores for {n} images; return one float per image")
-    if not torch.isfinite(s).all():
-        raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
-                         f"(training stops rather than rank on invalid scores)")
-    return s
 
 
 def add_lora(unet, rank, alpha, targets):
@@ -1086,7 +1072,7 @@ def read_pairs(path):
     if not path.is_file():
         raise FileNotFoundError(f"--pairs {path}: no such file; give a JSON-lines file with one "
                                 f'{{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}} per line')
-    pairs, dropped = {}, set()
+    pairs = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -1100,9 +1086,8 @@ def read_pairs(path):
             raise ValueError(f"{where} lacks {', '.join(missing)}; each line needs prompt, chosen and rejected")
         if not all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected")):
             raise ValueError(f"{where}: prompt, chosen and rejected must be non-empty strings")
-        images = []
-        for key in ("chosen", "rejected"):
-            image = path.parent / Path(row[key]).expanduser()  # an absolute path stays as it is
+        images = [(path.parent / Path(row[k]).expanduser()).resolve() for k in ("chosen", "rejected")]
+        for key, image in zip(("chosen", "rejected"), images):  # (an absolute path stays as it is)
             try:
                 with Image.open(image) as im:
                     im.verify()
@@ -1110,19 +1095,15 @@ def read_pairs(path):
                 raise FileNotFoundError(f"{where}: {key} image {image} does not exist") from e
             except Exception as e:  # PIL raises several kinds for a broken file
                 raise ValueError(f"{where}: {key} image {image} cannot be read as an image ({e})") from e
-            images.append(image.resolve())
         chosen, rejected = pairs.setdefault(row["prompt"], ([], []))
-        if images[0] == images[1]:  # the same image on both sides states no preference: dropped
-            dropped.add(row["prompt"])
-            continue
-        chosen.append(images[0])
-        rejected.append(images[1])
+        if images[0] != images[1]:  # the same image on both sides states no preference: dropped
+            chosen.append(images[0])
+            rejected.append(images[1])
     if not pairs:
         raise ValueError(f"--pairs {path} is empty; write one JSON object per line")
-    for prompt in dropped:
-        if not pairs[prompt][0]:
-            raise ValueError(f"--pairs {path}: prompt {prompt!r} has no pairs left after dropping those whose chosen "
-                             f"and rejected image are the same file; give it a real pair or remove its lines")
+    for prompt in (p for p, (chosen, _) in pairs.items() if not chosen):
+        raise ValueError(f"--pairs {path}: prompt {prompt!r} has no pairs left after dropping those whose chosen "
+                         f"and rejected image are the same file; give it a real pair or remove its lines")
     return pairs
 
 
@@ -1132,17 +1113,18 @@ def encode_images(pipe, paths, side, batch_size=8):
     side resized to `side` (bicubic), then center-cropped, as the training samples are framed."""
     import numpy as np
     from PIL import Image
+    def pixels(p):
+        im = Image.open(p).convert("RGB")
+        scale = side / min(im.size)
+        im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))), resample=3)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.float32) / 127.5 - 1
+
     latents = []
     for i in range(0, len(paths), batch_size):
-        arrays = []
-        for p in paths[i:i + batch_size]:
-            im = Image.open(p).convert("RGB")
-            scale = side / min(im.size)
-            im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))), resample=3)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            arrays.append(np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.float32) / 127.5 - 1)
-        img = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(pipe.vae.device, pipe.vae.dtype)
-        latents.append(pipe.vae.encode(img).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
+        img = torch.from_numpy(np.stack([pixels(p) for p in paths[i:i + batch_size]])).permute(0, 3, 1, 2)
+        latents.append(pipe.vae.encode(img.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float()
+                       * pipe.vae.config.scaling_factor)
     return torch.cat(latents)
 
 
@@ -1182,7 +1164,8 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is damaged or not a DrPO checkpoint, so nothing was loaded or run from it "
                          f"({str(e).splitlines()[0]}). {fix}") from e
     if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
-        raise ValueError(f"{path} is not a DrPO checkpoint (it lacks {sorted(CHECKPOINT_KEYS - set(ckpt or {}))}). {fix}")
+        missing = sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ()))
+        raise ValueError(f"{path} is not a DrPO checkpoint (it lacks {missing}). {fix}")
     return ckpt
 
 
@@ -1253,59 +1236,18 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
     bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", ref_dist=f"{metrics['dist_ref']:.4g}")
 
 
-def plot_curves(runs, path):
-    """curves.png: over updates, the reward's mean and spread, the gap, the distance to the base
-    samples and the gradient norm, one line per run (on pairs: the distances to the chosen and
-    rejected images instead of the reward). matplotlib is imported here only: the method needs torch."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("curves.png skipped: `pip install matplotlib` to draw it", file=sys.stderr)
-        return
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for run in map(Path, runs):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
-        if "reward_mean" in col:
-            mean, std = col["reward_mean"], col["reward_std"]
-            axes[0].plot(col["step"], mean, label=run.name)
-            axes[0].fill_between(col["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                 alpha=0.2)
-        elif col:
-            axes[0].plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
-            axes[0].plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
-        for ax, key in zip(axes[1:], ("gap", "dist_ref", "grad_norm")):
-            ax.plot(col.get("step", []), col.get(key, []))
-    for ax, title in zip(axes, ("reward, mean ± std (pairs: distances)", "gap (pairs: rejected − chosen)",
-                                "feature distance to the base samples", "gradient norm (before clipping)")):
-        ax.set(title=title, xlabel="update")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-
-
 def check_args(args, world=1):
     """Check every setting before any model loads: a typo should cost seconds, not a download."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
-    for name in ("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
-                 "lora_rank", "save_every", "grid_prompts", "grid_noises"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("lambda_ref", "grad_chunk", "sample_every"):
-        if not getattr(args, name) >= 0:
-            raise ValueError(f"{flag(name)} must be 0 (off) or positive, got {getattr(args, name)}")
-    for name in ("radii", "ref_radii"):
-        if not getattr(args, name) or not all(r > 0 for r in getattr(args, name)):
-            raise ValueError(f"{flag(name)} must be positive numbers separated by commas, "
-                             f"e.g. 0.02,0.05,0.2; got {','.join(map(str, getattr(args, name)))}")
+    a = vars(args)
+    for names, ok, rule in (
+            (("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
+              "lora_rank", "save_every", "grid_prompts", "grid_noises"), lambda v: v >= 1, "at least 1"),
+            (("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"),
+             lambda v: v > 0, "positive"),
+            (("lambda_ref", "grad_chunk", "sample_every"), lambda v: v >= 0, "0 (off) or positive"),
+            (("radii", "ref_radii"), lambda v: v and all(r > 0 for r in v), "positive numbers, e.g. 0.02,0.05,0.2")):
+        for name in (n for n in names if not ok(a[n])):
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {a[name]}")
     if args.n_pos + args.n_neg > args.candidates:
         raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
                          f"positives and negatives must be disjoint candidates")
@@ -1333,8 +1275,8 @@ def check_args(args, world=1):
     args.reward = None if args.pairs else args.reward or "hpsv3"
     rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
     for key in REWARD_PATHS:
-        if key.split("_")[0] in rewards and getattr(args, key) and not Path(getattr(args, key)).exists():
-            raise FileNotFoundError(f"{flag(key)} {getattr(args, key)}: no such file or folder")
+        if key.split("_")[0] in rewards and a[key] and not Path(a[key]).exists():
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {a[key]}: no such file or folder")
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
@@ -1413,7 +1355,7 @@ def build_parser():
     g.add_argument("--n-neg", type=int, default=8, help="bottom-ranked candidates used as negatives")
     g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of positives (velocity scale eta)")
     g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
-    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of base-model samples in the reference drift")
+    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples in the reference drift")
     g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the current samples as repellers "
                    "in the reference drift")
     g.add_argument("--lambda-ref", type=float, default=0.2, help="weight of the reference drift term")
@@ -1457,10 +1399,10 @@ def build_parser():
     g.add_argument("--seed", type=int, default=42, help="seed of prompt order and noises")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, sample grids, checkpoint")
-    g.add_argument("--sample-every", type=int, default=50, help="save a grid of fixed-noise samples every N steps; 0 = never")
+    g.add_argument("--sample-every", type=int, default=50, help="grid of fixed-noise samples every N steps; 0 = never")
     g.add_argument("--grid-prompts", type=int, default=4, help="rows of the sample grid (the first prompts)")
     g.add_argument("--grid-noises", type=int, default=2, help="columns of the sample grid (fixed noises)")
-    g.add_argument("--save-every", type=int, default=100, help="write the LoRA and a resumable checkpoint every N steps")
+    g.add_argument("--save-every", type=int, default=100, help="save the LoRA and a resumable checkpoint every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
                    "refused if a setting that shapes the run differs from its config.json")
     g.add_argument("--force", action="store_true", help="with --resume: continue although such settings changed "

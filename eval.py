@@ -23,6 +23,7 @@ the task accuracies); geneval.csv has each image's verdict and the reason it fai
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def load_prompts(spec, limit=None):
     """A text file (one prompt per line) or a named set fetched with `datasets`."""
     if spec in PROMPT_SETS and not Path(spec).exists():
         repo, split, column = PROMPT_SETS[spec]
-        fetch = f"python -c \"import datasets; print(*datasets.load_dataset('{repo}', split='{split}')['{column}'], sep=chr(10))\" > {spec}.txt"
+        fetch = (f"python -c \"import datasets; print(*datasets.load_dataset('{repo}', split='{split}')"
+                 f"['{column}'], sep=chr(10))\" > {spec}.txt")
         try:
             import datasets
 
@@ -134,6 +136,40 @@ def write_verdicts(path, metadata, seeds, labels, verdicts):
         rows = [(label, i, s, m["tag"], m["prompt"]) for label in labels for i, m in enumerate(metadata) for s in seeds]
         for row, (correct, reason) in zip(rows, verdicts):
             w.writerow([*row, int(correct), reason])
+
+
+def plot_curves(runs, path):
+    """curves.png: over updates, the reward's mean and spread, the gap, the distance to the base
+    samples and the gradient norm, one line per run (on pairs: the distances to the chosen and
+    rejected images instead of the reward). matplotlib is imported here only: the method needs torch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("curves.png skipped: `pip install matplotlib` to draw it", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for run in map(Path, runs):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
+        if "reward_mean" in col:
+            mean, std = col["reward_mean"], col["reward_std"]
+            axes[0].plot(col["step"], mean, label=run.name)
+            axes[0].fill_between(col["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                 alpha=0.2)
+        elif col:
+            axes[0].plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
+            axes[0].plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
+        for ax, key in zip(axes[1:], ("gap", "dist_ref", "grad_norm")):
+            ax.plot(col.get("step", []), col.get(key, []))
+    for ax, title in zip(axes, ("reward, mean ± std (pairs: distances)", "gap (pairs: rejected − chosen)",
+                                "feature distance to the base samples", "gradient norm (before clipping)")):
+        ax.set(title=title, xlabel="update")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    drpo.atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
 
 
 def build_parser():
@@ -262,7 +298,7 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        drpo.plot_curves(args.curves, Path(args.out) / "curves.png")
+        plot_curves(args.curves, Path(args.out) / "curves.png")
         print(f"wrote {Path(args.out) / 'curves.png'}")
         return 0
     try:

@@ -39,7 +39,8 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="tiny", help="tiny model: the `tiny` alias or a folder from examples/tiny_model.py")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny model: the `tiny` alias or a folder from examples/tiny_model.py")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
     args = ap.parse_args()

@@ -61,14 +61,17 @@ def make_tiny(out_dir, seed=0, arch="sd"):
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
         unet = UNet2DConditionModel(
             sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32)
     elif arch == "sd":
         unet = UNet2DConditionModel(
             sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True)
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
+            use_linear_projection=True)
     else:
         raise ValueError(f"--arch {arch}: choose sd or sdxl")
     # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost

@@ -111,7 +111,8 @@ def clauses(metadata, detections):
         out.append((not reason, reason, found if not reason else []))
     for req in metadata.get("exclude", []):
         n = len(kept.get(req["class"], []))
-        out.append((n < req["count"], "" if n < req["count"] else f"expected {req['class']}<{req['count']}, found {n}", []))
+        met = n < req["count"]
+        out.append((met, "" if met else f"expected {req['class']}<{req['count']}, found {n}", []))
     return out
 
 

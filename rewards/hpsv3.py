@@ -143,7 +143,8 @@ def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
         embeds = model.get_input_embeddings()(tok.input_ids)
         image_embeds = model.model.visual(vis["pixel_values"].to(device, dtype),
                                           grid_thw=vis["image_grid_thw"].to(device)).pooler_output
-        embeds = embeds.masked_scatter((tok.input_ids == config.image_token_id)[..., None], image_embeds.to(embeds.dtype))
+        at_image = (tok.input_ids == config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(at_image, image_embeds.to(embeds.dtype))
         # As the published model does: plain sequential positions for every token, image tokens
         # included, on all three rotary sections (not Qwen2-VL's multimodal rotary index).
         B, L = tok.input_ids.shape

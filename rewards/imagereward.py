@@ -34,9 +34,11 @@ def map_key(k):
     """A key of the released checkpoint -> ("vision" | "text" | "head", key in our modules), or None."""
     if k.startswith("blip.visual_encoder."):
         k = k[len("blip.visual_encoder."):]
-        for old, new in (("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),
+        for old, new in (("cls_token", "embeddings.class_embedding"),
+                         ("pos_embed", "embeddings.position_embedding"),
                          ("patch_embed.proj", "embeddings.patch_embedding"), ("norm1", "layer_norm1"),
-                         ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection")):
+                         ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
+                         ("attn.proj", "self_attn.projection")):
             k = k.replace(old, new)
         k = re.sub(r"^blocks\.(\d+)\.", r"encoder.layers.\1.", k)
         return "vision", re.sub(r"^norm\.", "post_layernorm.", k)
