@@ -1336,11 +1336,9 @@ def build_parser():
     p = argparse.ArgumentParser(description="DrPO: finetune a one-step text-to-image generator toward a reward "
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a local diffusers pipeline "
-                   "folder (SD or SDXL, as its model_index.json says), or `tiny` / `tiny-sdxl`: tiny random pipelines "
-                   "for offline demos, built once in ~/.cache/drpo")
-    g.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size; 512 for "
-                   "sd-turbo and sdxl-turbo)")
+    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a diffusers pipeline "
+                   "folder (SD or SDXL), or `tiny` / `tiny-sdxl`: tiny random pipelines for offline demos")
+    g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
@@ -1355,7 +1353,7 @@ def build_parser():
     g.add_argument("--n-neg", type=int, default=8, help="bottom-ranked candidates used as negatives")
     g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of positives (velocity scale eta)")
     g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
-    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples in the reference drift")
+    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples (reference drift)")
     g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the current samples as repellers "
                    "in the reference drift")
     g.add_argument("--lambda-ref", type=float, default=0.2, help="weight of the reference drift term")
@@ -1363,25 +1361,22 @@ def build_parser():
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
     g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", help=f"reward name ({', '.join(REWARDS)}), `module:function`, or a weighted comma list "
-                   "like `hpsv3:1,pickscore:0.5` (docs/rewards.md); geneval needs --prompts evaluation_metadata.jsonl; "
-                   "default: hpsv3, or none with --pairs")
-    g.add_argument("--pairs", metavar="FILE.jsonl", help="offline preference pairs instead of a reward: one "
-                   '{"prompt", "chosen", "rejected"} per line (image paths relative to the file); the chosen images '
-                   "are the positives, the rejected the negatives (at most --n-pos / --n-neg per prompt), the prompts "
-                   "the training prompts. Not with --reward or --prompts")
+    g.add_argument("--reward", help=f"{', '.join(REWARDS)}, `module:function`, or a weighted list like "
+                   "`hpsv3:1,pickscore:0.5` (docs/rewards.md); default: hpsv3, or none with --pairs")
+    g.add_argument("--pairs", metavar="FILE.jsonl", help='offline preference pairs instead of a reward: {"prompt", '
+                   '"chosen", "rejected"} per line; chosen images attract, rejected repel (docs/pairs.md)')
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
-    g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N` = "
-                   "the GPU N after this process's own, e.g. under torchrun with 4 training GPUs, cuda:+4")
+    g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N`: "
+                   "the GPU N after this process's own (docs/scaling.md)")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
-    g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi; `mae` reproduces the paper "
-                   "(needs --mae-ckpt), `unet` needs no extra weights")
+    g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi (docs/features.md); `mae` "
+                   "reproduces the paper (needs --mae-ckpt), `unet` needs no extra weights")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
-    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0",
-                   help="UNet blocks hooked by --features unet (negative indices count from the end)")
+    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0", help="UNet blocks for --features "
+                   "unet (negative indices count from the end)")
     g.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 hub id or folder for --features dinov2")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")
@@ -1392,21 +1387,20 @@ def build_parser():
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     g.add_argument("--grad-accum", type=int, default=8, help="micro-steps per update (the paper: 8 on each of 4 GPUs)")
     g.add_argument("--prompts-per-step", type=int, default=1, help="B: prompts per micro-step")
-    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time so memory stays flat "
-                   "in K; 0 = all K at once")
-    g.add_argument("--prompts", help="text file with one training prompt per line, or a .jsonl file with a \"prompt\" "
-                   "per line (e.g. GenEval's evaluation_metadata.jsonl); default: a small built-in list")
-    g.add_argument("--seed", type=int, default=42, help="seed of prompt order and noises")
+    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time, same update, memory "
+                   "flat in K; 0 = all K at once")
+    g.add_argument("--prompts", help="one prompt per line, or .jsonl with a \"prompt\" per line (e.g. GenEval's "
+                   "evaluation_metadata.jsonl, needed by --reward geneval); default: a small built-in list")
+    g.add_argument("--seed", type=int, default=42, help="seed of the LoRA initialization, prompt order and noises")
     g = p.add_argument_group("outputs")
-    g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, sample grids, checkpoint")
-    g.add_argument("--sample-every", type=int, default=50, help="grid of fixed-noise samples every N steps; 0 = never")
+    g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, curves, sample grids, checkpoint")
+    g.add_argument("--sample-every", type=int, default=50, help="sample grid and curves every N steps; 0 = no grids")
     g.add_argument("--grid-prompts", type=int, default=4, help="rows of the sample grid (the first prompts)")
     g.add_argument("--grid-noises", type=int, default=2, help="columns of the sample grid (fixed noises)")
-    g.add_argument("--save-every", type=int, default=100, help="save the LoRA and a resumable checkpoint every N steps")
+    g.add_argument("--save-every", type=int, default=100, help="save the LoRA and a checkpoint every N steps")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
-                   "refused if a setting that shapes the run differs from its config.json")
-    g.add_argument("--force", action="store_true", help="with --resume: continue although such settings changed "
-                   "(config.json records them as forced_changes)")
+                   "refused if a setting that shapes the run changed (docs/running.md)")
+    g.add_argument("--force", action="store_true", help="with --resume: continue anyway, recorded in config.json")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
     return p
 

@@ -1582,6 +1582,24 @@ def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(train
     assert res["seeds"] == [0, 1, 2] and res["prompts"] == prompts
 
 
+def test_eval_paper_scales_report_imagereward_times_ten(trained, tmp_path):
+    import eval as ev
+
+    tiny, lora = trained
+    (tmp_path / "p.txt").write_text("a red car\n")
+    weights = ["--imagereward-ckpt", str(IR / "ImageReward_tiny.pt"), "--imagereward-config",
+               str(IR / "med_config.json"), "--imagereward-tokenizer", str(IR / "tokenizer")]
+    res = {}
+    for extra in ([], ["--paper-scales"]):
+        out = tmp_path / ("paper" if extra else "plain")
+        assert ev.main(["--model", tiny, "--lora", str(lora), "--reward", "imagereward,brightness", "--prompts",
+                        str(tmp_path / "p.txt"), "--seeds", "2", "--out", str(out), *weights, *extra]) == 0
+        res[bool(extra)] = json.loads((out / "results.json").read_text())["scores"]
+    for label in ("base", "brightlora"):
+        assert res[True]["imagereward"][label]["mean"] == pytest.approx(10 * res[False]["imagereward"][label]["mean"])
+        assert res[True]["brightness"][label]["mean"] == pytest.approx(res[False]["brightness"][label]["mean"])
+
+
 def test_eval_refuses_bad_input(trained, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
