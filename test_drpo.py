@@ -856,6 +856,11 @@ def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_update(tiny, t
     for a, b in zip(one, two):
         for key in ("reward_mean", "pos_mean", "neg_mean", "loss_pref", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    a = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    diff = math.sqrt(sum((a[k] - b[k]).pow(2).sum().item() for k in a))
+    assert diff <= 1e-5 * math.sqrt(sum(v.pow(2).sum().item() for v in a.values()))  # the uninterrupted LoRA
 
 
 def test_signals_are_deferred_once_and_a_second_ctrl_c_stops_at_once():
