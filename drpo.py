@@ -1253,6 +1253,8 @@ def check_args(args, world=1):
                          f"positives and negatives must be disjoint candidates")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pick one")
+    if args.force and not args.resume:
+        raise ValueError("--force only overrides the settings check of --resume; add --resume or drop --force")
     out = Path(args.output_dir)
     if out.is_file():
         raise FileExistsError(f"--output-dir {out} is a file; pass a folder")
