@@ -102,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=30, help="frames of the GIF")
     ap.add_argument("--seed", type=int, default=0, help="seed")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.frames < 1 or args.lambda_ref < 0:
+        ap.error("--steps and --frames must be at least 1, --lambda-ref 0 or more")
     import matplotlib
     import numpy
 
