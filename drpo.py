@@ -512,52 +512,6 @@ def map_stats(fmap, prefix):
     return out
 
 
-def check_mae_ckpt(ckpt_path):
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"latent-MAE checkpoint {ckpt_path!r} not found. Get it with `pip install modelscope` then "
-            f"`modelscope download --model jiangzhou130v1/drpo-mae-latent-256 mae_latent_256_torch.pth "
-            f"--local_dir DIR`, and pass --mae-ckpt DIR/mae_latent_256_torch.pth (or use --features unet)")
-
-
-def mae_features(ckpt_path, device="cpu"):
-    """The ResNet encoder of the latent-MAE, read straight from its checkpoint (docs/features.md).
-    Returns the published SD-Turbo keys layer4_{mean,std}{,_2,_4}."""
-    check_mae_ckpt(ckpt_path)
-    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    sd = raw.get("state_dict") or raw.get("model_state_dict") or {k: v for k, v in raw.items() if torch.is_tensor(v)}
-    layers = raw.get("metadata", {}).get("model_config", {}).get("layers", [3, 4, 6, 3])
-    W = {}
-    for k, v in sd.items():
-        name, _, kind = k.removeprefix("module.").removeprefix("_orig_mod.").rpartition(".")
-        if kind == "kernel":  # JAX layout (H, W, in, out) -> torch (out, in, H, W)
-            v = v.permute(3, 2, 0, 1)
-        W[name + {"kernel": ".weight", "scale": ".weight"}.get(kind, "." + kind)] = v.float().to(device)
-
-    def conv(x, name, stride=1):
-        k = W[name + ".weight"].to(x.dtype)
-        return F.conv2d(x, k, stride=stride, padding=k.shape[-1] // 2)
-
-    def gn(x, name):
-        groups = max(g for g in range(1, 33) if x.shape[1] % g == 0)
-        return F.group_norm(x, groups, W[name + ".weight"].to(x.dtype), W[name + ".bias"].to(x.dtype), eps=1e-5)
-
-    def phi(latents, noise=None, cond=None):
-        x = latents.to(torch.promote_types(latents.dtype, torch.float32))
-        h = F.relu(gn(conv(x, "encoder.conv1"), "encoder.gn1"))
-        for s, n_blocks in enumerate(layers):
-            for b in range(n_blocks):
-                p, stride = f"encoder.stages_{s}.layers_{b}", 2 if (s > 0 and b == 0) else 1
-                y = F.relu(gn(conv(h, p + ".conv1", stride), p + ".gn1"))
-                y = gn(conv(y, p + ".conv2"), p + ".gn2")
-                short = gn(conv(h, p + ".proj_conv", stride), p + ".proj_gn") if p + ".proj_conv.weight" in W else h
-                h = F.relu(short + y)
-            h = gn(h, f"encoder.layer{s + 1}_norm")
-        return map_stats(h, "layer4")
-
-    return phi
-
-
 class _StopForward(Exception):
     """Raised by the last feature hook: the UNet layers after it are not needed."""
 
@@ -613,27 +567,6 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
     return phi
 
 
-def dinov2_features(vae, model_id="facebook/dinov2-base", device="cpu", dtype=torch.float32):
-    """Decode with the VAE (with gradient), then DINOv2: the CLS token and patch-token statistics."""
-    from transformers import AutoModel
-    try:
-        net = AutoModel.from_pretrained(model_id, dtype=dtype).to(device).eval().requires_grad_(False)
-    except OSError as e:
-        raise OSError(f"could not load DINOv2 {model_id!r} ({str(e).splitlines()[0]}); download it with "
-                      f"`hf download {model_id} --local-dir DIR` and pass --dinov2 DIR") from e
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)  # ImageNet's
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-
-    def phi(latents, noise=None, cond=None):
-        img = F.interpolate(decode(vae, latents), size=(224, 224), mode="bilinear", antialias=True)
-        hidden = net(pixel_values=((img - mean) / std).to(dtype)).last_hidden_state.float()
-        side = 224 // net.config.patch_size
-        grid = hidden[:, 1:].transpose(1, 2).reshape(len(img), -1, side, side)
-        return {"dinov2_cls": hidden[:, :1], **map_stats(grid, "dinov2")}
-
-    return phi
-
-
 FEATURES = ("unet", "mae", "latent", "dinov2")
 
 
@@ -641,12 +574,22 @@ def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-
                   dinov2="facebook/dinov2-base", device="cpu"):
     """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES).
     noise and cond (the latents' prompt conditioning) are used by the teacher-UNet features only.
-    `latent` is the latents themselves, an ablation the paper finds worse than the base model."""
-    if name not in FEATURES:
-        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
-    return {"mae": lambda: mae_features(mae_ckpt, device), "unet": lambda: unet_features(pipe.unet, unet_layers),
-            "latent": lambda: lambda latents, noise=None, cond=None: map_stats(latents, "latent"),
-            "dinov2": lambda: dinov2_features(pipe.vae, dinov2, device, pipe.vae.dtype)}[name]()
+    The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens here."""
+    if name == "unet":
+        return unet_features(pipe.unet, unet_layers)
+    if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
+        return lambda latents, noise=None, cond=None: map_stats(latents, "latent")
+    if name == "mae":  # the paper's: the latent-MAE encoder's last map
+        encode = beside("features.mae").mae_encoder(mae_ckpt, device)
+        return lambda latents, noise=None, cond=None: map_stats(encode(latents), "layer4")
+    if name == "dinov2":  # decode with the VAE (with gradient), then DINOv2's CLS token and patch statistics
+        encode = beside("features.dinov2").dinov2_encoder(dinov2, device, pipe.vae.dtype)
+
+        def phi(latents, noise=None, cond=None):
+            cls, grid = encode(decode(pipe.vae, latents))
+            return {"dinov2_cls": cls, **map_stats(grid, "dinov2")}
+        return phi
+    raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
 
 
 def brightness_reward(images, prompts):
@@ -674,8 +617,8 @@ def random_reward(images, prompts):
 
 
 def beside(module):
-    """A module of this repository, imported on first use: rewards.NAME (ports of other projects'
-    reward models, one self-contained file each), examples.tiny_model (the offline demo model), eval."""
+    """A module of this repository, imported on first use: rewards.NAME and features.mae (ports of other
+    projects' models, one self-contained file each), examples.tiny_model (the offline demo model), eval."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # drpo imported from another folder
         sys.path.append(here)
@@ -714,36 +657,30 @@ def add_reward_path_flags(group):
 
 
 def parse_reward_spec(spec):
-    """--reward -> [(name, weight)], checked without loading any model: every name is known or an
-    importable `module:function`, every weight a number."""
+    """--reward -> [(name, constructor, weight)], checked without loading any model: every name is known
+    or an importable `module:function` (its constructor returns that function), every weight a number."""
     parsed = []
-    for m in filter(None, (m.strip() for m in spec.split(","))):
-        name, weight = m, 1.0
-        head, sep, tail = m.rpartition(":")
-        if sep:  # NAME:WEIGHT, unless the tail is a function name
-            try:
-                name, weight = head, float(tail)
-            except ValueError:
-                pass
-        if name not in REWARDS:
-            if ":" not in name:
-                raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
-                                 f"or `module.path:function` for your own, or a comma list of these")
-            custom_reward(name)
-        parsed.append((name, weight))
+    for member in filter(None, (m.strip() for m in spec.split(","))):
+        name, weight = member, 1.0
+        head, _, tail = member.rpartition(":")
+        with contextlib.suppress(ValueError):  # NAME:WEIGHT, unless the tail is a function name
+            name, weight = head or member, float(tail)
+        if name in REWARDS:
+            parsed.append((name, REWARDS[name], weight))
+            continue
+        if ":" not in name:
+            raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
+                             f"or `module.path:function` for your own, or a comma list of these")
+        module, _, fn = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} "
+                             f"({e}); make sure the module is on PYTHONPATH") from e
+        parsed.append((name, lambda *_, fn=fn: fn, weight))
     if not parsed:
         raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
     return parsed
-
-
-def custom_reward(spec):
-    """`module.path:function` -> the function."""
-    module, _, fn = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"custom reward {spec!r}: cannot import function {fn!r} from module {module!r} ({e}); "
-                         f"make sure the module is on PYTHONPATH") from e
 
 
 def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
@@ -756,8 +693,7 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
     dtype = dtype or precision_dtype("auto", device)
-    fns = [(name, REWARDS[name](device, dtype, paths) if name in REWARDS else custom_reward(name), w)
-           for name, w in parse_reward_spec(spec)]
+    fns = [(name, make(device, dtype, paths), w) for name, make, w in parse_reward_spec(spec)]
 
     @torch.no_grad()
     def reward(images, prompts):
@@ -820,15 +756,15 @@ def resolve_model(model):
         return str(beside("examples.tiny_model").cached(TINY_MODELS[model]))
     path = MODEL_ALIASES.get(model, model)
     local = Path(path).expanduser()
-    folder = "a diffusers pipeline folder (the one `pipe.save_pretrained` writes, with model_index.json)"
-    if local.is_file() or (local.is_dir() and not (local / "model_index.json").is_file()):
-        what = "a file" if local.is_file() else "a folder but not a diffusers pipeline (no model_index.json)"
-        raise FileNotFoundError(f"--model {model} is {what}; pass {folder}, a hub id, or an alias: "
-                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])}")
-    if not local.is_dir() and path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--model {model}: no such folder. Pass {folder}, a hub id, or `--model tiny` "
-                                f"for the offline demo model")
-    return str(local) if local.is_dir() else path
+    if not local.exists() and not path.startswith((".", "/", "~")):
+        return path  # a hub id
+    problem = ("no such folder" if not local.exists() else "is a file" if local.is_file() else None
+               if (local / "model_index.json").is_file() else "is a folder but not a diffusers pipeline")
+    if problem:
+        raise FileNotFoundError(f"--model {model}: {problem}. Pass a diffusers pipeline folder (the one "
+                                f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
+                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])} (`tiny`: the offline demo model)")
+    return str(local)
 
 
 def model_error(model, path, e):
@@ -1068,11 +1004,10 @@ def read_pairs(path):
     file's folder, or absolute) -> {prompt: (chosen paths, rejected paths)} in file order. Every
     line and image is checked here, before anything loads; errors name the file and line."""
     from PIL import Image
-    path = Path(path)
+    path, pairs = Path(path), {}
     if not path.is_file():
         raise FileNotFoundError(f"--pairs {path}: no such file; give a JSON-lines file with one "
                                 f'{{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}} per line')
-    pairs = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -1081,50 +1016,38 @@ def read_pairs(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where} is not JSON ({e}); write one JSON object per line") from e
-        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+        missing = [k for k in ("prompt", "chosen", "rejected")
+                   if not (isinstance(row, dict) and isinstance(row.get(k), str) and row[k])]
         if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}; each line needs prompt, chosen and rejected")
-        if not all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected")):
-            raise ValueError(f"{where}: prompt, chosen and rejected must be non-empty strings")
+            raise ValueError(f"{where} lacks {', '.join(missing)}; each line needs prompt, chosen and rejected, "
+                             f"each a non-empty string")
         images = [(path.parent / Path(row[k]).expanduser()).resolve() for k in ("chosen", "rejected")]
         for key, image in zip(("chosen", "rejected"), images):  # (an absolute path stays as it is)
             try:
                 with Image.open(image) as im:
                     im.verify()
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{where}: {key} image {image} does not exist") from e
-            except Exception as e:  # PIL raises several kinds for a broken file
+            except Exception as e:  # missing, or one of the several errors PIL raises for a broken file
                 raise ValueError(f"{where}: {key} image {image} cannot be read as an image ({e})") from e
-        chosen, rejected = pairs.setdefault(row["prompt"], ([], []))
-        if images[0] != images[1]:  # the same image on both sides states no preference: dropped
-            chosen.append(images[0])
-            rejected.append(images[1])
+        if images[0] == images[1]:
+            raise ValueError(f"{where}: chosen and rejected are the same image, which states no preference; "
+                             f"remove the line")
+        for side, image in zip(pairs.setdefault(row["prompt"], ([], [])), images):
+            side.append(image)
     if not pairs:
         raise ValueError(f"--pairs {path} is empty; write one JSON object per line")
-    for prompt in (p for p, (chosen, _) in pairs.items() if not chosen):
-        raise ValueError(f"--pairs {path}: prompt {prompt!r} has no pairs left after dropping those whose chosen "
-                         f"and rejected image are the same file; give it a real pair or remove its lines")
     return pairs
 
 
 @torch.no_grad()
 def encode_images(pipe, paths, side, batch_size=8):
-    """Images -> VAE latents (latent_dist.mean x scaling_factor) at side x side px: the shorter
-    side resized to `side` (bicubic), then center-cropped, as the training samples are framed."""
-    import numpy as np
+    """Images -> VAE latents (latent_dist.mean x scaling_factor), framed as the samples are: resized to
+    cover side x side px, then center-cropped, by the pipeline's own image processor."""
     from PIL import Image
-    def pixels(p):
-        im = Image.open(p).convert("RGB")
-        scale = side / min(im.size)
-        im = im.resize((max(side, round(im.width * scale)), max(side, round(im.height * scale))), resample=3)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        return np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.float32) / 127.5 - 1
-
     latents = []
     for i in range(0, len(paths), batch_size):
-        img = torch.from_numpy(np.stack([pixels(p) for p in paths[i:i + batch_size]])).permute(0, 3, 1, 2)
-        latents.append(pipe.vae.encode(img.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean.float()
-                       * pipe.vae.config.scaling_factor)
+        images = [Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
+        x = pipe.image_processor.preprocess(images, side, side, resize_mode="crop").to(pipe.vae.device, pipe.vae.dtype)
+        latents.append(pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
     return torch.cat(latents)
 
 
@@ -1275,7 +1198,7 @@ def check_args(args, world=1):
     if args.pairs:
         read_pairs(args.pairs)
     args.reward = None if args.pairs else args.reward or "hpsv3"
-    rewards = [name for name, _ in parse_reward_spec(args.reward)] if args.reward else []
+    rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward else []
     for key in REWARD_PATHS:
         if key.split("_")[0] in rewards and a[key] and not Path(a[key]).exists():
             raise FileNotFoundError(f"--{key.replace('_', '-')} {a[key]}: no such file or folder")
@@ -1283,7 +1206,7 @@ def check_args(args, world=1):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
     if args.features == "mae":
-        check_mae_ckpt(args.mae_ckpt)
+        beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
     # The model's configs only (a few kB), for the checks that depend on the architecture.
     _, _, unet_cfg, vae_cfg = model_configs(args.model)

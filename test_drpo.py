@@ -1065,7 +1065,7 @@ def test_pairs_images_are_resized_center_cropped_and_encoded_once(tiny, tmp_path
     (['{"prompt": "a", "chosen": "missing.png", "rejected": "r.png"}'], "line 1: chosen image"),
     (['{"prompt": "a", "chosen": "c.png", "rejected": "broken.png"}'], "cannot be read as an image"),
     (['{"prompt": "a", "chosen": "c.png", "rejected": "r.png"}', '{"prompt": "b", "chosen": "c.png", "rejected": "c.png"}'],
-     "prompt 'b' has no pairs left"),
+     "line 2: chosen and rejected are the same image"),
 ])
 def test_bad_pairs_files_are_refused_before_training_naming_file_and_line(tiny, tmp_path, capsys, monkeypatch,
                                                                           lines, message):
