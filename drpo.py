@@ -18,8 +18,8 @@ One training step, per prompt c, as in the paper:
 Sections, in reading order:
   1. the drift field: pure torch, copy it into your own trainer;
   2. one-step sampling and the training loop, whose blocks are the five steps above;
-  3. what the loop calls: feature maps, the reward protocol (ports of reward models live in
-     rewards/, one file per model), the LoRA, the generator;
+  3. what the loop calls: feature maps, the reward protocol, the LoRA, the generator (ports of
+     other people's networks live beside this file in rewards/ and features/, one file per model);
   4. plumbing: several processes, files, validation;
   5. the command line.
 """
@@ -756,15 +756,14 @@ def resolve_model(model):
         return str(beside("examples.tiny_model").cached(TINY_MODELS[model]))
     path = MODEL_ALIASES.get(model, model)
     local = Path(path).expanduser()
+    if (local / "model_index.json").is_file():
+        return str(local)
     if not local.exists() and not path.startswith((".", "/", "~")):
         return path  # a hub id
-    problem = ("no such folder" if not local.exists() else "is a file" if local.is_file() else None
-               if (local / "model_index.json").is_file() else "is a folder but not a diffusers pipeline")
-    if problem:
-        raise FileNotFoundError(f"--model {model}: {problem}. Pass a diffusers pipeline folder (the one "
-                                f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
-                                f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])} (`tiny`: the offline demo model)")
-    return str(local)
+    problem = "is a file" if local.is_file() else "is not a diffusers pipeline" if local.exists() else "no such folder"
+    raise FileNotFoundError(f"--model {model}: {problem}. Pass a diffusers pipeline folder (the one "
+                            f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
+                            f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])} (`tiny`: the offline demo model)")
 
 
 def model_error(model, path, e):
@@ -874,9 +873,8 @@ class PeerFailed(RuntimeError):
 
 @contextlib.contextmanager
 def all_or_none(world):
-    """Run a block on every process; if any raises, all raise when the block ends (one small
-    all-reduce), so no process is left waiting in a collective. The lowest failing rank raises
-    its own error, the others PeerFailed: the message is shown once."""
+    """Run a block on every process; if any raises, all raise at its end (one small all-reduce), so none
+    is left waiting in a collective. The lowest failing rank raises its error, the others PeerFailed."""
     error = None
     try:
         yield
@@ -903,21 +901,19 @@ def all_reduce_update(params, log):
     dist.all_reduce(flat)
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
-    device = flat.device
     for key in ("scores", "pos", "neg") if log["scores"] else ():  # every process ran as many micro-steps
-        mine = torch.cat(log[key]).to(device)
+        mine = torch.cat(log[key]).to(flat.device)
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
         log[key] = [t.cpu() for t in parts]
     stat_keys = [k for k, v in log.items() if isinstance(v, float)]
-    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=device)
+    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=flat.device)
     dist.all_reduce(stats)
     log.update(zip(stat_keys, stats.tolist()))
 
 
 def stopwatch(device):
-    """lap(name) adds the seconds since the previous lap to times[name]. CUDA is synchronized
-    first, so each phase is charged for its own kernels."""
+    """lap(name) adds the seconds since the previous lap to times[name] (CUDA synchronized first)."""
     times, last = {}, [time.perf_counter()]
 
     def lap(name):
@@ -1084,8 +1080,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (zip reader errors), foreign pickles (UnpicklingError), ...
-        raise ValueError(f"{path} is damaged or not a DrPO checkpoint, so nothing was loaded or run from it "
-                         f"({str(e).splitlines()[0]}). {fix}") from e
+        raise ValueError(f"{path} is missing, damaged or not a DrPO checkpoint, so nothing was loaded or run "
+                         f"from it ({str(e).splitlines()[0]}). {fix}") from e
     if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
         missing = sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ()))
         raise ValueError(f"{path} is not a DrPO checkpoint (it lacks {missing}). {fix}")
@@ -1223,11 +1219,9 @@ def check_args(args, world=1):
             raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
                              f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
     ckpt = out / "checkpoint.pt"
-    if args.resume and not ckpt.exists() and (out / "checkpoint.prev.pt").exists():
-        raise FileNotFoundError(f"{ckpt} is missing but checkpoint.prev.pt is there (a save was cut off): "
-                                f"`mv {out / 'checkpoint.prev.pt'} {ckpt}`, then --resume again")
+    if args.resume and (ckpt.exists() or (out / "checkpoint.prev.pt").exists()):
+        load_checkpoint(ckpt)  # missing (a cut save), damaged or foreign: said now, before any model loads
     if args.resume and ckpt.exists() and (out / "config.json").is_file():
-        load_checkpoint(ckpt)  # damaged or foreign: said now, before any model loads
         old = json.loads((out / "config.json").read_text())
         new = json.loads(json.dumps({**vars(args), "world_size": world}))  # tuples as lists, as saved
         args.forced_changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
@@ -1279,8 +1273,7 @@ def build_parser():
     g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of positives (velocity scale eta)")
     g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
     g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples (reference drift)")
-    g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the current samples as repellers "
-                   "in the reference drift")
+    g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the samples as reference repellers")
     g.add_argument("--lambda-ref", type=float, default=0.2, help="weight of the reference drift term")
     g.add_argument("--radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the preference field")
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
@@ -1300,8 +1293,7 @@ def build_parser():
     g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi (docs/features.md); `mae` "
                    "reproduces the paper (needs --mae-ckpt), `unet` needs no extra weights")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
-    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0", help="UNet blocks for --features "
-                   "unet (negative indices count from the end)")
+    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0", help="blocks for --features unet")
     g.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 hub id or folder for --features dinov2")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")
@@ -1312,8 +1304,7 @@ def build_parser():
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     g.add_argument("--grad-accum", type=int, default=8, help="micro-steps per update (the paper: 8 on each of 4 GPUs)")
     g.add_argument("--prompts-per-step", type=int, default=1, help="B: prompts per micro-step")
-    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time, same update, memory "
-                   "flat in K; 0 = all K at once")
+    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time (same update); 0 = all K")
     g.add_argument("--prompts", help="one prompt per line, or .jsonl with a \"prompt\" per line (e.g. GenEval's "
                    "evaluation_metadata.jsonl, needed by --reward geneval); default: a small built-in list")
     g.add_argument("--seed", type=int, default=42, help="seed of the LoRA initialization, prompt order and noises")

@@ -929,7 +929,11 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_resumes(tiny, tmp_
     (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # the last save cut off
     assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 2
     err = capsys.readouterr().err
-    assert f"{out / 'checkpoint.pt'} is damaged" in err and "checkpoint.prev.pt" in err and "Traceback" not in err
+    assert f"{out / 'checkpoint.pt'} is missing, damaged" in err and "checkpoint.prev.pt" in err and "Traceback" not in err
+    (out / "checkpoint.pt").unlink()  # cut off before the rename: only the previous one is left
+    assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 2
+    assert f"`mv {out / 'checkpoint.prev.pt'} {out / 'checkpoint.pt'}`" in capsys.readouterr().err
+    assert (out / "checkpoint.prev.pt").exists()  # not cleared as the leftover of an earlier run
     os.replace(out / "checkpoint.prev.pt", out / "checkpoint.pt")  # the fix the message names
     assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 0
     assert metrics_of(out) == metrics_of(tmp_path / "full") and same_lora(out, tmp_path / "full")
@@ -1353,10 +1357,39 @@ print("ok", [round(float(s), 4) for s in scores])
         assert done.returncode == 0 and done.stdout.startswith("ok"), (name, done.stderr[-2000:])
 
 
+def test_each_feature_port_runs_alone_without_drpo(tmp_path):
+    """features/*.py are copied like the reward ports: each runs in a fresh interpreter without drpo.
+    The MAE map's spatial mean is the published `layer4_mean`; DINOv2 gives its CLS token and a patch map."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=224)).save_pretrained(tmp_path / "dino")
+    root = Path(__file__).resolve().parent
+    script = f"""
+import sys, torch
+from safetensors.torch import load_file
+sys.path.insert(0, {str(root)!r})
+from features.mae import mae_encoder
+from features.dinov2 import dinov2_encoder
+mae = {str(FIXTURES / "mae_tiny")!r}
+fmap = mae_encoder(mae + "/mae_latent_tiny.pth")(load_file(mae + "/latents.safetensors")["latents"].double())
+want = load_file(mae + "/expected.safetensors")["layer4_mean"].double()[:, 0]
+torch.testing.assert_close(fmap.mean((2, 3)), want, rtol=1e-5, atol=1e-5)
+cls, grid = dinov2_encoder({str(tmp_path / "dino")!r})(torch.rand(2, 3, 40, 48))
+assert cls.shape == (2, 1, 32) and grid.shape == (2, 32, 16, 16), (cls.shape, grid.shape)
+assert "drpo" not in sys.modules, "imported drpo"
+print("ok")
+"""
+    assert sorted(p.stem for p in (root / "features").glob("*.py") if p.stem != "__init__") == ["dinov2", "mae"]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
 def test_no_reference_to_a_file_outside_the_repository():
     """Comments and docs cite the paper or the repository's own files: every .md named exists here."""
     root = Path(__file__).resolve().parent
-    files = [root / "drpo.py", root / "eval.py", root / "README.md", *root.glob("rewards/*.py"),
+    files = [root / "drpo.py", root / "eval.py", root / "README.md", *root.glob("rewards/*.py"), *root.glob("features/*.py"),
              *root.glob("benchmarks/*.py"), *root.glob("docs/*.md"), *root.glob("examples/*.py")]
     for f in files:
         text = f.read_text()
