@@ -901,15 +901,10 @@ def all_reduce_update(params, log):
     dist.all_reduce(flat)
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
-    for key in ("scores", "pos", "neg") if log["scores"] else ():  # every process ran as many micro-steps
-        mine = torch.cat(log[key]).to(flat.device)
-        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, mine)
-        log[key] = [t.cpu() for t in parts]
-    stat_keys = [k for k, v in log.items() if isinstance(v, float)]
-    stats = torch.tensor([log[k] for k in stat_keys], dtype=torch.float64, device=flat.device)
-    dist.all_reduce(stats)
-    log.update(zip(stat_keys, stats.tolist()))
+    logs = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, log)  # a few numbers and score tensors per process
+    for key, value in log.items():  # score lists joined in rank order, statistics summed
+        log[key] = sum((other[key] for other in logs), [] if isinstance(value, list) else 0.0)
 
 
 def stopwatch(device):
