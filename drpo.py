@@ -617,7 +617,7 @@ def random_reward(images, prompts):
 
 
 def beside(module):
-    """A module of this repository, imported on first use: rewards.NAME and features.mae (ports of other
+    """A module of this repository, imported on first use: rewards.NAME and features.NAME (ports of other
     projects' models, one self-contained file each), examples.tiny_model (the offline demo model), eval."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # drpo imported from another folder
@@ -671,11 +671,11 @@ def parse_reward_spec(spec):
         if ":" not in name:
             raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
                              f"or `module.path:function` for your own, or a comma list of these")
-        module, _, fn = name.partition(":")
+        module, _, attr = name.partition(":")
         try:
-            fn = getattr(importlib.import_module(module), fn)
+            fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"custom reward {name!r}: cannot import function {fn!r} from module {module!r} "
+            raise ValueError(f"custom reward {name!r}: cannot import function {attr!r} from module {module!r} "
                              f"({e}); make sure the module is on PYTHONPATH") from e
         parsed.append((name, lambda *_, fn=fn: fn, weight))
     if not parsed:
