@@ -314,18 +314,20 @@ def lora_off(unet):
         unet.enable_adapters()
 
 
-def feature_sets(fx, fr, pos_idx, neg_idx):
-    """The four feature sets of one micro-step, {key: (B, set size, D)}: gen (all K samples of a
-    prompt), pos / neg (its top / bottom candidates), ref (the base samples on the same noises).
-    fr: {key: (B*K, T, D)} base-sample features, prompt by prompt; fx: the samples', each prompt's
-    K followed by its extra anchors if any (offline pairs); pos_idx, neg_idx: (B, n) indices into
-    each prompt's rows of fx. A set pools the tokens of its candidates."""
+def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
+    """The four feature sets of one micro-step, {key: (B, set size, D)}, detached: gen (all K samples of
+    a prompt), pos / neg (its top / bottom candidates), ref (the base samples on the same noises).
+    fx, fr: {key: (B*K, T, D)} features of the samples and of the base samples, prompt by prompt;
+    fa: those of extra anchors, as many per prompt (offline pairs), or None; pos_idx, neg_idx: (B, n)
+    indices into each prompt's K samples followed by its anchors. A set pools its candidates' tokens."""
     B = pos_idx.shape[0]
     rows = torch.arange(B, device=pos_idx.device)[:, None]
     gen, pos, neg, ref = {}, {}, {}, {}
     for key, f in fx.items():
-        f = f.view(B, -1, *f.shape[1:])  # (B, K [+ anchors], T, D)
-        K = fr[key].shape[0] // B
+        f = f.detach().view(B, -1, *f.shape[1:])  # (B, K, T, D)
+        K = f.shape[1]
+        if fa is not None:
+            f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)  # (B, K + anchors, T, D)
         gen[key], ref[key] = f[:, :K].flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
         pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
     return gen, pos, neg, ref
@@ -405,12 +407,13 @@ def train(args, stop_asked=()):
                 prompt_cond = unet_conditioning(pipe, batch, side)
                 cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
 
-                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0.
-                with torch.no_grad(), autocast:
+                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0. Unchunked
+                # (C = K), x keeps its graph: step 5 then backpropagates through this very pass.
+                with torch.set_grad_enabled(C >= K), autocast:
                     x = one_step(unet, z, cond, alpha_bar)
-                    lap("sample")
-                    with lora_off(unet):
-                        r = one_step(unet, z, cond, alpha_bar)
+                lap("sample")
+                with torch.no_grad(), autocast, lora_off(unet):
+                    r = one_step(unet, z, cond, alpha_bar)
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
@@ -421,40 +424,43 @@ def train(args, stop_asked=()):
                     lap("decode")
                     scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
                     pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
-                    pool, pool_noise, pool_cond = x, feat_noise, cond
-                else:  # offline: the prompt's chosen / rejected images are the positives / negatives,
-                    # appended to its candidates (at most n_pos / n_neg, as many for every prompt of the batch)
+                else:  # offline: the prompt's chosen / rejected images are the positives / negatives, appended
+                    # to its candidates as anchors (at most n_pos / n_neg, as many for every prompt of the batch)
                     P = min(args.n_pos, *(len(pairs[p][0]) for p in batch))
                     M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
                     anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
-                                           for p in batch]).to(device, x.dtype)
-                    pool = torch.cat([x.view(B, K, *shape), anchors], 1).flatten(0, 1)
-                    pool_noise = torch.cat([feat_noise.view(B, K, *shape), anchor_noise[:, :P + M]], 1).flatten(0, 1)
-                    pool_cond = {k: v.repeat_interleave(K + P + M, 0) for k, v in prompt_cond.items()}
+                                           for p in batch]).flatten(0, 1).to(device, x.dtype)
+                    anchor_cond = {k: v.repeat_interleave(P + M, 0) for k, v in prompt_cond.items()}
                     pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
                     neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
                 lap("reward")
 
-                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key.
-                with torch.no_grad(), autocast:
-                    gen, pos, neg, ref = feature_sets(phi(pool, pool_noise, pool_cond), phi(r, feat_noise, cond),
-                                                      pos_idx, neg_idx)
+                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key; phi(x)
+                # with gradient when x has one, the base samples' and the anchors' as constants.
+                with autocast:
+                    fx = phi(x, feat_noise, cond)
+                    with torch.no_grad():
+                        fr = phi(r, feat_noise, cond)
+                        fa = phi(anchors, anchor_noise[:, :P + M].flatten(0, 1), anchor_cond) if pairs else None
+                gen, pos, neg, ref = feature_sets(fx, fr, pos_idx, neg_idx, fa)
                 lap("features")
 
                 # 4. Field: preference dipole and reference drift on the detached features -> targets.
                 targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
                 lap("field")
 
-                # 5. Regress: recompute x = G_theta(z) with gradient, C candidates at a time, onto sg(x + V).
+                # 5. Regress onto sg(phi(x) + V): unchunked, through step 3's graph; with --grad-chunk C < K,
+                # x = G_theta(z) recomputed with gradient C candidates at a time, so memory stays flat in K.
                 for c0 in range(0, K, C):
-                    zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0.. of each
-                                   for t in (z, feat_noise, *cond.values()))
-                    cc = dict(zip(cond, cc))
-                    with autocast:
-                        fc = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
-                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fc.items()}
+                    if C < K:
+                        zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
+                                       for t in (z, feat_noise, *cond.values()))
+                        cc = dict(zip(cond, cc))
+                        with autocast:
+                            fx = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
+                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
-                lap("backward")  # the regression pass: generator and features recomputed, then backward
+                lap("backward")
 
                 if not pairs:
                     log["scores"].append(scores.flatten())
@@ -556,7 +562,7 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
 
     def phi(latents, noise, cond):
         x = latents + noise_level * noise
-        if unet.is_gradient_checkpointing and torch.is_grad_enabled():
+        if unet.is_gradient_checkpointing and x.requires_grad:
             # Recompute the whole teacher in backward, LoRA off again. Checkpointing inside it would
             # recompute its blocks after lora_off has ended, i.e. with the LoRA on: another function.
             outs = checkpoint(teacher, x, cond, use_reentrant=False)
