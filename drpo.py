@@ -315,11 +315,10 @@ def lora_off(unet):
 
 
 def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
-    """The four feature sets of one micro-step, {key: (B, set size, D)}, detached: gen (all K samples of
-    a prompt), pos / neg (its top / bottom candidates), ref (the base samples on the same noises).
-    fx, fr: {key: (B*K, T, D)} features of the samples and of the base samples, prompt by prompt;
-    fa: those of extra anchors, as many per prompt (offline pairs), or None; pos_idx, neg_idx: (B, n)
-    indices into each prompt's K samples followed by its anchors. A set pools its candidates' tokens."""
+    """The four feature sets of one micro-step, {key: (B, set size, D)}, detached: gen (a prompt's K samples),
+    pos / neg (its top / bottom ones), ref (the base samples on the same noises). fx, fr: {key: (B*K, T, D)}
+    features of the samples and the base samples, prompt by prompt; fa: of as many anchors per prompt (offline
+    pairs) or None; pos_idx, neg_idx: (B, n) indices into a prompt's K samples, then its anchors."""
     B = pos_idx.shape[0]
     rows = torch.arange(B, device=pos_idx.device)[:, None]
     gen, pos, neg, ref = {}, {}, {}, {}
@@ -392,8 +391,7 @@ def train(args, stop_asked=()):
     while step < args.max_steps and not stop:
         times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
         log = {"scores": [], "pos": [], "neg": [], **dict.fromkeys(STATS, 0.0)}
-        # an error in one process (NaN scores, ...) stops all, none left waiting
-        with all_or_none(world), explain_out_of_memory(lap, device, out):
+        with all_or_none(world), explain_out_of_memory(lap, device, out):  # an error in any process stops all
             for micro in range(n_micro):
                 while len(order) < B:  # walk through the prompts in a fresh random order each epoch
                     order += torch.randperm(len(prompts), generator=rng).tolist()
@@ -407,8 +405,8 @@ def train(args, stop_asked=()):
                 prompt_cond = unet_conditioning(pipe, batch, side)
                 cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
 
-                # 1. Sample: K candidates from G_theta and, on the same noises, from the base G_0. Unchunked
-                # (C = K), x keeps its graph: step 5 then backpropagates through this very pass.
+                # 1. Sample: K candidates from G_theta (unchunked, with the graph step 5 backpropagates) and,
+                # on the same noises, from the base G_0.
                 with torch.set_grad_enabled(C >= K), autocast:
                     x = one_step(unet, z, cond, alpha_bar)
                 lap("sample")
@@ -435,8 +433,7 @@ def train(args, stop_asked=()):
                     neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
                 lap("reward")
 
-                # 3. Featurize: the K samples' tokens of one prompt form one set per feature key; phi(x)
-                # with gradient when x has one, the base samples' and the anchors' as constants.
+                # 3. Featurize: a prompt's K samples' tokens form one set per feature key; phi(x) keeps x's graph.
                 with autocast:
                     fx = phi(x, feat_noise, cond)
                     with torch.no_grad():
@@ -453,11 +450,10 @@ def train(args, stop_asked=()):
                 # x = G_theta(z) recomputed with gradient C candidates at a time, so memory stays flat in K.
                 for c0 in range(0, K, C):
                     if C < K:
-                        zc, nc, *cc = (t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
-                                       for t in (z, feat_noise, *cond.values()))
-                        cc = dict(zip(cond, cc))
+                        part = lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
+                        cc = {k: part(v) for k, v in cond.items()}
                         with autocast:
-                            fx = phi(one_step(unet, zc, cc, alpha_bar), nc, cc)
+                            fx = phi(one_step(unet, part(z), cc, alpha_bar), part(feat_noise), cc)
                     fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")
@@ -528,7 +524,7 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
 
     Conditioned on the latent's own prompt (cond = unet_conditioning rows), as the published
     SDXL-Turbo trainer does. The caller passes the noise so that a latent featurized twice
-    (ranking, then regression) sees the same draw. The default blocks are the published ones
+    (field, then a --grad-chunk regression) sees the same draw. The default blocks are the published ones
     (down_blocks.-1 = down_blocks.2 on SDXL).
     """
     from torch.utils.checkpoint import checkpoint

@@ -478,17 +478,26 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_an
 
 def test_feature_sets_take_each_prompts_own_ranked_candidates():
     B, K, T, D = 2, 5, 3, 4
-    fx = {"a": torch.randn(B * K, T, D), "b": torch.randn(B * K, 1, 2)}
+    fx = {"a": torch.randn(B * K, T, D, requires_grad=True), "b": torch.randn(B * K, 1, 2)}
     fr = {k: torch.randn_like(v) for k, v in fx.items()}
     pos_idx, neg_idx = torch.tensor([[4, 0], [1, 3]]), torch.tensor([[2], [0]])
     gen, pos, neg, ref = drpo.feature_sets(fx, fr, pos_idx, neg_idx)
+    assert not any(t.requires_grad for sets in (gen, pos, neg, ref) for t in sets.values())  # the field's constants
     for k, f in fx.items():
-        per_prompt = f.view(B, K, *f.shape[1:])
+        per_prompt = f.detach().view(B, K, *f.shape[1:])
         for b in range(B):
             torch.testing.assert_close(gen[k][b], per_prompt[b].flatten(0, 1), rtol=0, atol=0)
             torch.testing.assert_close(ref[k][b], fr[k].view(B, K, *f.shape[1:])[b].flatten(0, 1), rtol=0, atol=0)
             torch.testing.assert_close(pos[k][b], torch.cat([per_prompt[b, i] for i in pos_idx[b]]), rtol=0, atol=0)
             torch.testing.assert_close(neg[k][b], torch.cat([per_prompt[b, i] for i in neg_idx[b]]), rtol=0, atol=0)
+    # offline pairs: each prompt's anchors follow its K samples; indices K.. pick them, gen stays the samples
+    fa = {k: torch.randn(B * 3, *v.shape[1:]) for k, v in fx.items()}
+    gen, pos, neg, _ = drpo.feature_sets(fx, fr, torch.tensor([[K, K + 1]] * B), torch.tensor([[K + 2]] * B), fa)
+    for k, f in fa.items():
+        per_prompt = f.view(B, 3, *f.shape[1:])
+        torch.testing.assert_close(gen[k], fx[k].detach().reshape(B, -1, f.shape[-1]), rtol=0, atol=0)
+        torch.testing.assert_close(pos[k], per_prompt[:, :2].flatten(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(neg[k], per_prompt[:, 2], rtol=0, atol=0)
 
 
 def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(tiny, tmp_path):
