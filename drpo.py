@@ -333,10 +333,9 @@ def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
 
 
 def train(args, stop_asked=()):
-    """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts,
-    then one AdamW step of the LoRA. Writes the LoRA, metrics, sample grids and checkpoints.
-    stop_asked: a list that signals append to (deferred_signals): the loop then saves and stops,
-    and returns that signal's number (None when it ran to --max-steps)."""
+    """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts, then one
+    AdamW step of the LoRA; writes the LoRA, metrics, sample grids and checkpoints. stop_asked: a list that
+    signals append to (deferred_signals): the loop then saves, stops and returns that signal (None at the end)."""
     from tqdm import tqdm
 
     # One process, or one of `world` under torchrun: each runs every world-th micro-step, then one
@@ -1301,7 +1300,8 @@ def build_parser():
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     g.add_argument("--grad-accum", type=int, default=8, help="micro-steps per update (the paper: 8 on each of 4 GPUs)")
     g.add_argument("--prompts-per-step", type=int, default=1, help="B: prompts per micro-step")
-    g.add_argument("--grad-chunk", type=int, default=0, help="regress C candidates at a time (same update); 0 = all K")
+    g.add_argument("--grad-chunk", type=int, default=0, help="0 = all K in one pass (fastest); C < K: recompute and "
+                   "regress C candidates at a time, the same update in flat memory (docs/cost.md)")
     g.add_argument("--prompts", help="one prompt per line, or .jsonl with a \"prompt\" per line (e.g. GenEval's "
                    "evaluation_metadata.jsonl, needed by --reward geneval); default: a small built-in list")
     g.add_argument("--seed", type=int, default=42, help="seed of the LoRA initialization, prompt order and noises")

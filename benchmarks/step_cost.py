@@ -16,6 +16,22 @@ the first updates are warm-up, then the mean of each phase over the timed update
 and `total_s` is their sum. Peak memory: CUDA max-allocated (reset per configuration) or the
 process's peak RSS (Linux VmHWM, reset per configuration through /proc/self/clear_refs).
 
+Update structures (`--parts structures`): at K = 24 one update three ways, each with the teacher-UNet
+and the latent-MAE features (tests/fixtures' tiny random MAE on the tiny model), the weight-free
+brightness reward and grad-accum 1, median of the timed updates:
+- this project at --grad-chunk 0 (= K: one pass, backpropagating through the sampling pass);
+- this project at --grad-chunk 8 (the generator and the features recomputed in chunks of 8);
+- the authors' trainer's structure (`authors_update`): G_theta sampled with gradient once and its
+  graph kept, the reference from a deep-copied frozen UNet, the positives' and negatives' features
+  recomputed from their latents, one backward;
+- with `--against DIR` also this project's update as the drpo.py in DIR computes it (a git worktree
+  of an earlier commit), at --grad-chunk 0.
+The reward is the same for all of them and costs the same in each (K images scored without
+gradient), so the weight-free one leaves what the structures differ in.
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/step_cost.py --preset tiny-cpu --parts structures --against /tmp/before
+
 Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
 costs 16-18x one tiny-UNet forward (about 20x was the aim), as HPSv3 (~13 TFLOP per image: Qwen2-VL-7B over ~800
 tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at 512 px); the measured ratio is printed and
@@ -35,14 +51,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.environ.get("STEP_COST_DRPO") or str(REPO))  # --against: another checkout's drpo.py
 import drpo  # noqa: E402
 from examples.tiny_model import make_tiny  # noqa: E402
 
 PRESETS = {
-    "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny"),
-    "sd-turbo": dict(resolution=512, candidates=(8, 16, 24, 32), chunk=8, steps=4, warmup=1, reward_arch="tiny"),
+    "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny",
+                     structure_steps=10, structure_features=("unet", "mae")),
+    "sd-turbo": dict(resolution=512, candidates=(8, 16, 24, 32), chunk=8, steps=4, warmup=1, reward_arch="tiny",
+                     structure_steps=5, structure_features=("unet",)),
 }
+MAE_TINY = REPO / "fixtures" / "mae_tiny" / "mae_latent_tiny.pth"  # random weights in the published layout
 PHASES = ("sample", "reference", "decode", "reward", "features", "field", "backward", "optimizer")
 HPSV3_TEXT_TOKENS = 560  # the HPSv3 instruction, prompt and chat template, in Qwen2 tokens (about)
 QWEN2VL = {
@@ -67,7 +87,8 @@ def make_sd_turbo_architecture(out_dir):
 
     tiny = make_tiny(Path(out_dir) / "tiny")  # borrow its byte-level tokenizer
     tokenizer = StableDiffusionPipeline.from_pretrained(tiny).tokenizer
-    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280),
+                                attention_head_dim=(5, 10, 20, 20),
                                 cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -186,11 +207,12 @@ def peak_mb(device):
     return float("nan")
 
 
-def drpo_update(model, K, chunk, steps, resolution, device):
+def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="unet"):
     """`steps` updates of the real training loop; returns the per-update phase times."""
     n = str(min(8, K // 3))  # the published 8 / 8 where K allows
+    mae = ["--mae-ckpt", str(MAE_TINY)] if features == "mae" else []
     with tempfile.TemporaryDirectory() as out:
-        rc = drpo.main(["--model", model, "--reward", "step_cost:pil_reward", "--candidates", str(K),
+        rc = drpo.main(["--model", model, "--reward", reward, "--candidates", str(K), "--features", features, *mae,
                         "--grad-chunk", str(chunk), "--reward-batch", str(chunk or K), "--n-pos", n, "--n-neg", n,
                         "--grad-accum", "1", "--max-steps", str(steps), "--resolution", str(resolution),
                         "--device", str(device), "--sample-every", "0", "--save-every", "1000000",
@@ -237,6 +259,76 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
     return rows
 
 
+def authors_update(model, K, chunk, steps, resolution, device, reward="brightness", features="unet"):
+    """`steps` updates in the structure of the authors' SD-Turbo trainer, with this file's generator, feature
+    map, reward and field: G_theta with gradient once (graph kept), the reference from a deep copy of the
+    frozen UNet, the positives' and negatives' features recomputed from their latents, one backward."""
+    import copy
+
+    dtype = drpo.precision_dtype("auto", device)
+    pipe = drpo.load_pipeline(model, dtype).to(device)
+    reference = copy.deepcopy(pipe.unet)  # the frozen base generator as a second UNet
+    torch.manual_seed(42)
+    params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    phi = drpo.load_features(features, pipe=pipe, mae_ckpt=str(MAE_TINY), device=device)
+    score = drpo.load_reward(reward, device)
+    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+    shape = drpo.latent_shape(pipe, resolution)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    n, rng, rows = min(8, K // 3), torch.Generator().manual_seed(42), []
+    for _ in range(steps):
+        times, lap = drpo.stopwatch(device)
+        z, noise = (torch.randn((K, *shape), generator=rng).to(device, dtype) for _ in range(2))
+        cond = {k: v.repeat_interleave(K, 0) for k, v in
+                drpo.unet_conditioning(pipe, ["a photo of a cat"], shape[-1] * pipe.vae_scale_factor).items()}
+        with autocast:
+            x = drpo.one_step(pipe.unet, z, cond, alpha_bar)  # with gradient, kept for the one backward
+        lap("sample")
+        with torch.no_grad(), autocast:
+            r = drpo.one_step(reference, z, cond, alpha_bar)
+        lap("reference")
+        with torch.no_grad(), autocast:
+            images = drpo.to_pil(drpo.decode(pipe.vae, x.detach()))
+        lap("decode")
+        pos_idx, neg_idx = (i[0] for i in drpo.select_pos_neg(score(images, ["a photo of a cat"] * K)[None], n, n))
+        lap("reward")
+        with autocast:
+            fx = phi(x, noise, cond)
+            with torch.no_grad():  # the references, and the ranked latents featurized again
+                fr = phi(r, noise, cond)
+                rows_of = lambda idx: {k: v[idx] for k, v in cond.items()}
+                fp = phi(x.detach()[pos_idx], noise[pos_idx], rows_of(pos_idx))
+                fn = phi(x.detach()[neg_idx], noise[neg_idx], rows_of(neg_idx))
+        sets = lambda f: {k: v.reshape(1, -1, v.shape[-1]) for k, v in f.items()}
+        lap("features")
+        targets, _ = drpo.drpo_targets(sets(fx), sets(fp), sets(fn), sets(fr))
+        lap("field")
+        drpo.regression_loss(sets(fx), targets).backward()
+        lap("backward")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+        rows.append(times)
+    return rows
+
+
+UPDATES = {"drpo": drpo_update, "reward_grad": reward_grad_update, "authors": authors_update}
+
+
+def structure_worker(method, model, K, chunk, steps, warmup, resolution, device, features):
+    """One update structure in this process at one K: median phases and total over the timed updates."""
+    device = torch.device(device)
+    reset_peak(device)
+    rows = UPDATES[method](model, K, chunk, warmup + steps, resolution, device, reward="brightness",
+                           features=features)[warmup:]
+    totals = [sum(r.values()) for r in rows]
+    print(json.dumps({"method": method, "candidates": K, "grad_chunk": chunk or K, "features": features,
+                      "total_s": statistics.median(totals), "totals_s": totals, "peak_mb": peak_mb(device),
+                      "phases_s": {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PHASES}}), flush=True)
+
+
 def worker(method, model, arch, candidates, chunk, steps, warmup, resolution, device):
     """One process per method and chunk setting, K ascending; one JSON line per configuration."""
     sys.modules.setdefault("step_cost", sys.modules["__main__"])  # `step_cost:pil_reward` is this module
@@ -245,7 +337,7 @@ def worker(method, model, arch, candidates, chunk, steps, warmup, resolution, de
     reward_net()
     for K in [k for k in candidates if not chunk or chunk < k]:  # chunk >= K is the unchunked run
         reset_peak(device)
-        fn = drpo_update if method == "drpo" else reward_grad_update
+        fn = UPDATES[method]
         row = {"method": method, "candidates": K, "grad_chunk": chunk or K}
         try:
             rows = fn(model, K, chunk, warmup + steps, resolution, device)[warmup:]
@@ -282,45 +374,35 @@ def forward_ratio(model, arch, resolution, device, n=4):
         return best(lambda: net(images)) / best(lambda: pipe.unet(z, drpo.ONE_STEP_T, **drpo.unet_kwargs(cond)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
-    ap.add_argument("--reward-arch", choices=("tiny", *QWEN2VL), help="reward network (default: the preset's)")
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        return worker(**json.loads(args.worker))
-    preset = PRESETS[args.preset]
-    arch = args.reward_arch or preset["reward_arch"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if arch == "qwen2vl-7b" and device.type != "cuda":
-        sys.exit("--reward-arch qwen2vl-7b needs a GPU (about 17 GB of weights in bf16)")
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(make_tiny(Path(tmp) / "tiny"))
-        ratio = forward_ratio(model, arch, preset["resolution"], device)
-        _NET.clear()
-        print(f"reward forward per image / UNet forward per sample: {ratio:.1f}x", flush=True)
-        results = []
-        for method in ("drpo", "reward_grad"):
-            for chunk in (0, preset["chunk"]):
-                spec = dict(method=method, model=model, arch=arch, candidates=list(preset["candidates"]), chunk=chunk,
-                            steps=preset["steps"], warmup=preset["warmup"], resolution=preset["resolution"],
-                            device=str(device))
-                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                     text=True)
-                lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-                if out.returncode != 0 or not lines:
-                    sys.exit(f"{method} chunk={chunk} failed:\n{out.stderr[-3000:]}")
-                results += lines
+def run_worker(spec, against=None):
+    """One worker process (its own peak memory); its JSON lines. `against`: import drpo from that checkout."""
+    env = {**os.environ, "STEP_COST_DRPO": str(against)} if against else None
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                         env=env)
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        sys.exit(f"{spec} failed:\n{out.stderr[-3000:]}")
+    return lines
+
+
+def scaling(args, preset, model, arch, device, candidates):
+    """DrPO against the reward-gradient update, K ascending, unchunked and chunked."""
+    ratio = forward_ratio(model, arch, preset["resolution"], device)
+    _NET.clear()
+    print(f"reward forward per image / UNet forward per sample: {ratio:.1f}x", flush=True)
+    results = []
+    for method in ("drpo", "reward_grad"):
+        for chunk in (0, preset["chunk"]):
+            results += run_worker(dict(method=method, model=model, arch=arch, candidates=candidates, chunk=chunk,
+                                       steps=preset["steps"], warmup=preset["warmup"],
+                                       resolution=preset["resolution"], device=str(device)))
     print(f"\n{'method':12s} {'K':>3s} {'chunk':>5s} {'s/update':>9s} {'peak MB':>9s}  " +
           " ".join(f"{p[:8]:>8s}" for p in PHASES))
     for r in sorted(results, key=lambda r: (r["method"], r["grad_chunk"] < r["candidates"], r["candidates"])):
         head = f"{r['method']:12s} {r['candidates']:3d} {r['grad_chunk']:5d}"
         print(f"{head} {r['error']}" if "error" in r else f"{head} {r['total_s']:9.3f} {r['peak_mb']:9.0f}  " +
               " ".join(f"{r['phases_s'][p]:8.3f}" for p in PHASES))
-    K = 24  # compare at the published K, unchunked where it fits, else chunked
+    K = 24 if 24 in candidates else max(candidates)  # compare at the published K, unchunked where it fits
     pick = {m: min((r for r in results if r["method"] == m and r["candidates"] == K and "error" not in r),
                    key=lambda r: -r["grad_chunk"], default=None) for m in ("drpo", "reward_grad")}
     if None in pick.values():
@@ -329,17 +411,85 @@ def main():
         "drpo": {k: pick["drpo"][k] for k in ("total_s", "phases_s", "peak_mb")},
         "reward_grad": {k: pick["reward_grad"][k] for k in ("total_s", "phases_s", "peak_mb")},
         "ratio": pick["reward_grad"]["total_s"] / pick["drpo"]["total_s"],
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "settings": {"preset": args.preset, "reward_arch": arch, "candidates": K,
-                     "grad_chunk": {m: r["grad_chunk"] for m, r in pick.items()}, "resolution": preset["resolution"],
+        "settings": {"reward_arch": arch, "candidates": K, "grad_chunk": {m: r["grad_chunk"] for m, r in pick.items()},
                      "timed_updates": preset["steps"], "warmup_updates": preset["warmup"],
-                     "reward_to_unet_forward": ratio, "precision": "bf16" if device.type == "cuda" else "fp32"},
+                     "reward_to_unet_forward": ratio},
         "scaling": results,
-        "wall_s": time.time() - t0,
     }
     print(f"\nK={K}: reward-gradient update {summary['reward_grad']['total_s']:.3f} s, DrPO update "
-          f"{summary['drpo']['total_s']:.3f} s: DrPO is {summary['ratio']:.2f}x faster "
-          f"(total {summary['wall_s']:.0f} s)")
+          f"{summary['drpo']['total_s']:.3f} s: DrPO is {summary['ratio']:.2f}x faster")
+    return summary
+
+
+def commit(repo):
+    """The checkout's commit, and + when it has uncommitted changes."""
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + ("+" if dirty else "")
+
+
+def structures(args, preset, model, device):
+    """One update at K = 24: this project unchunked and at --grad-chunk 8, the authors' structure, and with
+    --against the drpo.py of another checkout; each with every feature map of the preset."""
+    K, rows = 24, []
+    for features in preset["structure_features"]:
+        configs = [("drpo", 0, None), ("drpo", preset["chunk"], None), ("authors", 0, None)]
+        for method, chunk, against in configs + ([("drpo", 0, args.against)] if args.against else []):
+            spec = dict(part="structure", method=method, model=model, K=K, chunk=chunk, features=features,
+                        steps=preset["structure_steps"], warmup=preset["warmup"], resolution=preset["resolution"],
+                        device=str(device))
+            code = {"code": commit(against or REPO), "against": bool(against)}
+            rows += [{**r, **code} for r in run_worker(spec, against)]
+    print(f"\nK={K}, brightness reward, median of {preset['structure_steps']} updates")
+    print(f"{'features':8s} {'structure':32s} {'s/update':>9s} {'peak MB':>8s}  " +
+          " ".join(f"{p[:8]:>8s}" for p in PHASES))
+    for r in rows:
+        name = ("authors' structure" if r["method"] == "authors" else f"C = {r['grad_chunk']}") + \
+            (f" ({r['code']}, --against)" if r["against"] else "")
+        print(f"{r['features']:8s} {name:32s} {r['total_s']:9.3f} {r['peak_mb']:8.0f}  " +
+              " ".join(f"{r['phases_s'][p]:8.3f}" for p in PHASES))
+    return {"structures": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
+    ap.add_argument("--parts", default="scaling,structures",
+                    help="comma list: scaling (DrPO against the reward gradient, K ascending), structures (three "
+                         "update structures at K = 24)")
+    ap.add_argument("--reward-arch", choices=("tiny", *QWEN2VL),
+                    help="reward network of scaling (default: the preset's)")
+    ap.add_argument("--candidates", help="comma list of K for scaling (default: the preset's)")
+    ap.add_argument("--against", metavar="DIR", help="structures: also time the drpo.py of this checkout, e.g. a git "
+                    "worktree of an earlier commit")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        return structure_worker(**spec) if spec.pop("part", None) == "structure" else worker(**spec)
+    preset = PRESETS[args.preset]
+    parts = args.parts.split(",")
+    if set(parts) - {"scaling", "structures"}:
+        sys.exit(f"--parts {args.parts}: choose from scaling, structures")
+    arch = args.reward_arch or preset["reward_arch"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arch == "qwen2vl-7b" and device.type != "cuda" and "scaling" in parts:
+        sys.exit("--reward-arch qwen2vl-7b needs a GPU (about 17 GB of weights in bf16)")
+    candidates = [int(k) for k in args.candidates.split(",")] if args.candidates else list(preset["candidates"])
+    t0, summary = time.time(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(make_tiny(Path(tmp) / "tiny"))
+        if "scaling" in parts:
+            summary.update(scaling(args, preset, model, arch, device, candidates))
+        if "structures" in parts:
+            summary.update(structures(args, preset, model, device))
+    summary.update(device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                   preset=args.preset, resolution=preset["resolution"],
+                   precision="bf16" if device.type == "cuda" else "fp32", date=time.strftime("%Y-%m-%d"),
+                   wall_s=time.time() - t0)
+    print(f"(total {summary['wall_s']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The update's cost on one GPU, prepared to run once on an H100 / H200 in at most 8 minutes, with no
+# internet (random weights in the real architectures). One JSON file under benchmarks/results/:
+#   - the full-size SD-Turbo architecture, 512 px, bf16, K = 24, teacher-UNet features, brightness
+#     reward: this project at --grad-chunk 0 (= K) and 8, and the authors' update structure;
+#   - DrPO against the reward gradient through HPSv3's architecture (Qwen2-VL-7B + head), K = 24;
+#   - in that comparison, the DrPO update at --grad-chunk 8 with the HPSv3 architecture on the same GPU
+#     is the paper's one-GPU command (grad-accum does not change the peak): its peak_mb.
+#
+#   bash benchmarks/gpu_check.sh                       # on the GPU
+#   GPU_CHECK_SIZE=toy bash benchmarks/gpu_check.sh    # the same steps at toy size, on a CPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${GPU_CHECK_SIZE:-full}
+out=${GPU_CHECK_OUT:-benchmarks/results}
+case "$size" in
+  full) preset=sd-turbo; arch=qwen2vl-7b; limit=470 ;;
+  toy) preset=tiny-cpu; arch=qwen2vl-tiny; limit=600 ;;
+  *) echo "GPU_CHECK_SIZE=$size: use full or toy" >&2; exit 2 ;;
+esac
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: running on the CPU"
+python -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+timeout "$limit" python benchmarks/step_cost.py --preset "$preset" --parts structures,scaling --reward-arch "$arch" \
+  --candidates 24 --json "$out/gpu_check_$size.json"
+echo "wrote $out/gpu_check_$size.json"
