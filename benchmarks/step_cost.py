@@ -11,13 +11,13 @@ with random weights, the same K candidates of one prompt and the same resolution
     python benchmarks/step_cost.py --preset tiny-cpu --json benchmarks/results/step_cost_tiny-cpu.json
     python benchmarks/step_cost.py --preset sd-turbo --reward-arch qwen2vl-7b --json cost.json   # GPU
 
-Each method runs in its own process, once without and once with --grad-chunk, K ascending;
+Scaling (`--parts scaling`): each method runs in its own process, once without and once with --grad-chunk, K ascending;
 the first updates are warm-up, then the mean of each phase over the timed updates is reported
 and `total_s` is their sum. Peak memory: CUDA max-allocated (reset per configuration) or the
 process's peak RSS (Linux VmHWM, reset per configuration through /proc/self/clear_refs).
 
 Update structures (`--parts structures`): at K = 24 one update three ways, each with the teacher-UNet
-and the latent-MAE features (tests/fixtures' tiny random MAE on the tiny model), the weight-free
+and the latent-MAE features (the tiny random MAE of fixtures/mae_tiny), the weight-free
 brightness reward and grad-accum 1, median of the timed updates:
 - this project at --grad-chunk 0 (= K: one pass, backpropagating through the sampling pass);
 - this project at --grad-chunk 8 (the generator and the features recomputed in chunks of 8);
@@ -33,10 +33,11 @@ gradient), so the weight-free one leaves what the structures differ in.
     python benchmarks/step_cost.py --preset tiny-cpu --parts structures --against /tmp/before
 
 Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
-costs 16-18x one tiny-UNet forward (about 20x was the aim), as HPSv3 (~13 TFLOP per image: Qwen2-VL-7B over ~800
-tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at 512 px); the measured ratio is printed and
-saved. `qwen2vl-7b` is HPSv3's architecture (Qwen2-VL-7B + the reward head) with random weights,
-fed 448 x 448 images and a prompt of HPSv3's length; `qwen2vl-tiny` is the same code at toy size.
+costs many tiny-UNet forwards (16-18x on the machine it was sized on, 7x on another), as HPSv3
+(~13 TFLOP per image: Qwen2-VL-7B over ~800 tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at
+512 px); the measured ratio is printed and saved. `qwen2vl-7b` is HPSv3's architecture (Qwen2-VL-7B
++ the reward head) with random weights, fed 448 x 448 images and a prompt of HPSv3's length;
+`qwen2vl-tiny` is the same code at toy size.
 """
 import argparse
 import json
