@@ -18,10 +18,20 @@ Mask2Former is transformers' COCO checkpoint, not the benchmark's mmdetection fi
 close to but not the official ones). Prints accuracy per task and the overall score (the mean of
 the task accuracies); geneval.csv has each image's verdict and the reason it failed.
 
+    python eval.py --model sd-turbo --lora runs/drpo --judge --prompts prompts.txt --out judge/
+
+Pairwise judge (rewards/judge.py, default Qwen/Qwen3-VL-8B-Instruct): each LoRA against the base,
+and each pair of LoRAs, on the same (prompt, seed) images, judged in both orders. Reports the
+authors' two rates on the one order their hash picks, the same rates on position-consistent
+verdicts (a win only when both orders agree) with a 95 % bootstrap interval over prompts, the
+share of pairs whose orders agree, ties and invalid answers; judge.csv has every answer and
+images/ the images judged. Alone, it scores no rewards unless --reward is given.
+
     python eval.py --curves runs/a runs/b --out curves/     # several runs' curves on one figure
 """
 import argparse
 import csv
+import itertools
 import json
 import math
 import re
@@ -32,6 +42,7 @@ import torch
 
 import drpo
 
+DEFAULT_REWARDS = "pickscore,aesthetic,clip,hpsv3"
 # Named prompt sets of the paper: hub dataset, split, column.
 PROMPT_SETS = {"parti": ("nateraw/parti-prompts", "train", "Prompt"),
                "pickapic": ("yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption")}
@@ -138,6 +149,76 @@ def write_verdicts(path, metadata, seeds, labels, verdicts):
             w.writerow([*row, int(correct), reason])
 
 
+def read_template(path):
+    """--judge-template FILE: the judge's instruction exactly as written (None: the port's own)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--judge-template {path}: no such file; write the instruction, with {{prompt}} "
+                                f"where the prompt goes, in a text file")
+    text = Path(path).read_text(encoding="utf-8")
+    if "{prompt}" not in text:
+        raise ValueError(f"--judge-template {path} has no {{prompt}} field; write {{prompt}} where the prompt goes")
+    return text
+
+
+def image_path(out, label, prompt_index, seed):
+    return out / "images" / label / f"{prompt_index:05d}_{seed}.png"
+
+
+def judge_all(judge, labels, prompts, seeds, out, batch_size):
+    """Judge each LoRA against the base and each pair of LoRAs, every (prompt, seed) in both orders.
+    Writes judge.csv (one row per pair and order); returns {"X vs Y": statistics of X}."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    J = drpo.beside("rewards.judge")
+    comparisons = [(x, "base") for x in labels[1:]] + list(itertools.combinations(labels[1:], 2))
+    jobs = [(x, y, i, s, a, b) for x, y in comparisons for i in range(len(prompts)) for s in seeds
+            for a, b in ((x, y), (y, x))]  # (model in slot A, model in slot B)
+    answers = []
+    for k in tqdm(range(0, len(jobs), batch_size), desc="judge", dynamic_ncols=True):  # images read batch by batch
+        answers += judge([(Image.open(image_path(out, a, i, s)), Image.open(image_path(out, b, i, s)), prompts[i])
+                          for _, _, i, s, a, b in jobs[k:k + batch_size]])
+    rows, winners = [], {}
+    for (x, y, i, s, a, b), answer in zip(jobs, answers):
+        verdict = J.parse_verdict(answer)
+        winners.setdefault((x, y, i, s), {})[a == x] = J.winner_of(verdict, a, b)  # key: X shown as image A
+        rows.append({"comparison": f"{x} vs {y}", "prompt_index": i, "seed": s, "prompt": prompts[i], "model_a": a,
+                     "model_b": b, "authors_order": int(J.swapped(i, s) == (a == y)), "answer": answer,
+                     "verdict": verdict or "invalid", "winner": J.winner_of(verdict, a, b) or "invalid"})
+    with open(out / "judge.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    results = {}
+    for x, y in comparisons:
+        pairs = [winners[x, y, i, s] for i in range(len(prompts)) for s in seeds]
+        one = [w[not J.swapped(i, s)] for w, (i, s) in zip(pairs, itertools.product(range(len(prompts)), seeds))]
+        both = [J.consistent(w[True], w[False]) for w in pairs]
+        valid = [w for w in pairs if None not in w.values()]
+        said = [v for w in pairs for v in w.values()]
+        per_prompt = [both[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+        results[f"{x} vs {y}"] = {
+            "one_order": J.rates(one, x),  # the authors' protocol: X as image A unless their hash swaps
+            "consistent": {**J.rates(both, x), "ci95": J.preference_ci(per_prompt, x)},
+            "agreement": sum(w[True] == w[False] for w in valid) / len(valid) if valid else math.nan,
+            "tie_answers": said.count("tie"), "invalid_answers": said.count(None), "answers": len(said)}
+    return results
+
+
+def judge_table(judged):
+    lines = ["| judge: first model vs second | one order: win rate | one order: preference | consistent: win rate "
+             "| consistent: preference [95 % CI] | orders agree | tie / invalid answers |", "| --- |" + " --- |" * 6]
+    pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.1f} %"
+    for name, r in judged.items():
+        one, con = r["one_order"], r["consistent"]
+        lines.append(f"| {name} | {pct(one['win_rate'])} | {pct(one['preference'])} | {pct(con['win_rate'])} | "
+                     f"{pct(con['preference'])} [{pct(con['ci95'][0])}, {pct(con['ci95'][1])}] | "
+                     f"{pct(r['agreement'])} | {r['tie_answers']} / {r['invalid_answers']} of {r['answers']} |")
+    return "\n".join(lines)
+
+
 def plot_curves(runs, path):
     """curves.png: over updates, the reward's mean and spread, the gap, the distance to the base
     samples and the gradient norm, one line per run (on pairs: the distances to the chosen and
@@ -179,12 +260,18 @@ def build_parser():
                    "`tiny` (the offline demo model)")
     p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir (or diffusers-format LoRA "
                    "folder); repeat to compare several; labelled by folder name")
-    p.add_argument("--reward", default="pickscore,aesthetic,clip,hpsv3",
-                   help="comma list of metrics, each a drpo.py reward name or `module:function`")
+    p.add_argument("--reward", help=f"comma list of metrics, each a drpo.py reward name or `module:function` "
+                   f"(default: {DEFAULT_REWARDS}; none when --judge is given)")
     p.add_argument("--prompts", help="text file with one prompt per line, or `parti` / `pickapic` (the paper's sets, "
                    "fetched from the hub with `datasets`)")
     p.add_argument("--geneval", metavar="FILE.jsonl", help="run GenEval on its evaluation_metadata.jsonl instead of "
                    "rewards on --prompts")
+    p.add_argument("--judge", nargs="?", const="Qwen/Qwen3-VL-8B-Instruct", metavar="MODEL",
+                   help="judge every pair of models in both image orders with a vision-language model: a hub id or "
+                   "folder (default when given alone: Qwen/Qwen3-VL-8B-Instruct; docs/evaluation.md)")
+    p.add_argument("--judge-template", metavar="FILE", help="the judge's instruction, verbatim, with a {prompt} field "
+                   "(default: rewards/judge.py's INSTRUCTION)")
+    p.add_argument("--judge-batch", type=int, default=8, help="pairs per judge generate call")
     p.add_argument("--curves", nargs="+", metavar="RUN_DIR", help="instead of evaluating: draw the curves of these "
                    "drpo.py runs (their metrics.jsonl) on one figure, OUT/curves.png")
     p.add_argument("--paper-scales", action="store_true", help="report ImageReward x10 as the paper's tables do "
@@ -208,7 +295,7 @@ def evaluate(args):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = drpo.precision_dtype(args.precision, device)
-    for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts"):
+    for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts", "judge_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.prompts is None) == (args.geneval is None):
@@ -229,22 +316,29 @@ def evaluate(args):
         rewards = {"geneval": judge}
     else:
         prompts = load_prompts(args.prompts, args.max_prompts)
-        names = [r.strip() for r in args.reward.split(",") if r.strip()]
+        names = [r.strip() for r in (args.reward or ("" if args.judge else DEFAULT_REWARDS)).split(",") if r.strip()]
         rewards = {r: drpo.load_reward(r, args.reward_device or device, args.reward_batch, **paths) for r in names}
         if args.paper_scales and "imagereward" in rewards:
             rewards["imagereward"] = lambda images, prompts, fn=rewards["imagereward"]: 10 * fn(images, prompts)
+    if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass
+        template = read_template(args.judge_template)
+        judge = drpo.beside("rewards.judge").load_judge(args.judge, args.reward_device or device, template=template,
+                                                        batch_size=args.judge_batch)
     pipe = drpo.load_pipeline(args.model, dtype).to(device)
     labels = {}
     for folder in args.lora:
         check_lora(pipe.unet, folder)
         label = Path(folder).resolve().name
-        labels[label if label not in labels and label != "base" else f"{label}-{len(labels) + 1}"] = folder
+        taken = label in labels or label in ("base", "tie", "invalid")  # names the tables and judge.csv use
+        labels[f"{label}-{len(labels) + 1}" if taken else label] = folder
     seeds = list(range(args.seeds))
     noises = torch.cat([torch.randn((1, *drpo.latent_shape(pipe, args.resolution)),
                                     generator=torch.Generator().manual_seed(s)) for s in seeds])
     alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
 
     # scores[reward][label]: (prompts * seeds,) in prompt-major order; grid: first seed per row
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     scores, grid = {r: {} for r in rewards}, []
     bar = tqdm(total=(1 + len(labels)) * len(prompts), desc="eval", dynamic_ncols=True)
     for label, folder in [("base", None), *labels.items()]:
@@ -253,6 +347,10 @@ def evaluate(args):
         per = {r: [] for r in rewards}
         for i, prompt in enumerate(prompts):
             images = drpo.sample_images(pipe, [prompt], noises, alpha_bar)
+            if args.judge:  # kept on disk for the judge (and for looking at what it judged)
+                (out / "images" / label).mkdir(parents=True, exist_ok=True)
+                for s, im in zip(seeds, images):
+                    im.save(image_path(out, label, i, s))
             for r, fn in rewards.items():
                 per[r].append(fn(images, [prompt] * len(images)).double())
             if i < args.grid_prompts:
@@ -265,11 +363,11 @@ def evaluate(args):
             pipe.unload_lora_weights()
     bar.close()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {r: {"base": {"mean": s["base"].mean().item(), "std": s["base"].std().item()},
                    **{label: paired_stats(s["base"], s[label]) for label in labels}} for r, s in scores.items()}
     results = {"scores": summary, "prompts": prompts, "seeds": seeds, "loras": labels, "settings": vars(args)}
+    if args.judge:
+        results["judge"] = judge_all(judge, ["base", *labels], prompts, seeds, out, args.judge_batch)
     if args.geneval:
         results["geneval"] = geneval_tasks(metadata, scores["geneval"], len(seeds))
         write_verdicts(out / "geneval.csv", metadata, seeds, ["base", *labels], verdicts)
@@ -283,7 +381,9 @@ def evaluate(args):
                     w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
     grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
     drpo.image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
-    table = markdown_table(summary) + (f"\n\n{tasks_table(results['geneval'])}" if args.geneval else "")
+    tables = [markdown_table(summary) if rewards else None, tasks_table(results["geneval"]) if args.geneval else None,
+              judge_table(results["judge"]) if args.judge else None]
+    table = "\n\n".join(t for t in tables if t)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results

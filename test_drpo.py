@@ -1386,7 +1386,8 @@ print("ok", [round(float(s), 4) for s in scores])
                        "F / 'imagereward_tiny' / 'med_config.json', F / 'imagereward_tiny' / 'tokenizer')",
         "geneval": f"port.geneval_reward({str(meta)!r}, 'cpu', {str(det)!r}, {str(tiny_clip)!r})",
     }
-    assert sorted(calls) == sorted(p.stem for p in (root / "rewards").glob("*.py") if p.stem != "__init__")
+    ports = {p.stem for p in (root / "rewards").glob("*.py")} - {"__init__", "judge"}  # judge: its own test below
+    assert sorted(calls) == sorted(ports)
     for name, call in calls.items():
         done = subprocess.run([sys.executable, "-c", script.replace("{name}", name).replace("{call}", call)],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -1707,6 +1708,236 @@ def test_eval_refuses_bad_input(trained, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- pictures ----------------
+
+# ---------------------------------------------------------------- pairwise judge --------
+
+from rewards import judge as vlm_judge  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge") / "qwen3vl"
+    script = Path(__file__).resolve().parent / "examples" / "tiny_model.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--arch", "judge"], capture_output=True, text=True)
+    assert done.returncode == 0 and f"--judge {path}" in done.stdout, done.stderr
+    return str(path)
+
+
+@pytest.mark.parametrize("answer, verdict", [
+    ('```json\n{"winner": "B", "confidence": 0.8, "reason": "sharper fur"}\n```', "B"),
+    ('Sure. {"winner": "A", "confidence": 0.6, "reason": "closer to the prompt"} Hope that helps.', "A"),
+    ('{"winner": "b", "confidence": 0.9, "reason": "x"}', "B"),
+    ('{"winner": " Tie ", "confidence": 0.5, "reason": "both fine"}', "tie"),
+    ('{"confidence": 0.9} then {"winner": "A"}', "A"),  # the first object that has a winner
+    ("A", None), ("B", None), ("Image A is better.", None),  # no JSON: never guessed from free text
+    ('{"winner": "C"}', None), ('{"winner": "A"', None), ("\n\n#$%&", None), ("", None),
+])
+def test_judge_answers_count_only_as_json_verdicts(answer, verdict):
+    assert vlm_judge.parse_verdict(answer) == verdict
+
+
+def test_judge_orders_combine_into_position_consistent_verdicts_and_rates():
+    c = vlm_judge.consistent
+    assert c("lora", "lora") == "lora" and c("base", "base") == "base"
+    assert c("lora", "base") == "tie" and c("lora", "tie") == "tie" and c("tie", "tie") == "tie"
+    assert c(None, "lora") is None and c("lora", None) is None
+    assert vlm_judge.winner_of("A", "lora", "base") == "lora" and vlm_judge.winner_of("B", "lora", "base") == "base"
+    assert vlm_judge.winner_of("tie", "lora", "base") == "tie" and vlm_judge.winner_of(None, "lora", "base") is None
+    r = vlm_judge.rates(["lora", "lora", "base", "tie", None], "lora")
+    assert r == {"wins": 2, "losses": 1, "ties": 1, "valid": 4, "invalid": 1, "win_rate": 2 / 3, "preference": 2.5 / 4}
+    assert math.isnan(vlm_judge.rates([None, None], "lora")["preference"])
+    # every prompt a win: the interval is [1, 1]; half wins and half losses: it straddles 1/2
+    assert vlm_judge.preference_ci([["lora", "lora"]] * 5, "lora") == [1.0, 1.0]
+    lo, hi = vlm_judge.preference_ci([["lora"], ["base"]] * 10, "lora")
+    assert lo < 0.5 < hi
+
+
+def test_judge_order_follows_the_authors_hash():
+    """sha256("qwen3vl_pairwise_v1:PROMPT_ID:SEED")[:8] from coreutils' sha256sum; odd = swapped."""
+    known = {(0, 0): "e91022db", (0, 1): "9d07e21e", (0, 2): "aceaf069", (1, 0): "8093b0bf", (1, 1): "cab5d931",
+             (2, 0): "141d67dc", (2, 3): "77abe68a", (5, 1): "fe2197e6", (42, 0): "fd5313be", (100, 3): "f54c64fb"}
+    for (prompt_id, seed), head in known.items():
+        assert vlm_judge.swapped(prompt_id, seed) == (int(head, 16) % 2 == 1), (prompt_id, seed)
+    assert {vlm_judge.swapped(*k) for k in known} == {True, False}
+
+
+def test_judge_template_reaches_the_chat_template_verbatim(tiny_judge, tmp_path, capsys):
+    import eval as ev
+
+    theirs = 'Judge two images for "{prompt}".\nReturn {"winner": "A"|"B"|"tie"} only.  Trailing spaces stay. '
+    (tmp_path / "t.txt").write_text(theirs)
+    judge = vlm_judge.load_judge(tiny_judge, template=ev.read_template(tmp_path / "t.txt"))
+    text = judge.text("a red {fox}")
+    assert vlm_judge.NAMES + theirs.replace("{prompt}", "a red {fox}") in text
+    assert vlm_judge.INSTRUCTION.splitlines()[0] not in text
+    assert text.count("<|image_pad|>") == 2  # image A, then image B, before the words
+    assert text.index("<|image_pad|>") < text.rindex("<|image_pad|>") < text.index(vlm_judge.NAMES)
+    assert vlm_judge.INSTRUCTION.splitlines()[0] in vlm_judge.load_judge(tiny_judge).text("x")
+    (tmp_path / "bad.txt").write_text("no field here")
+    with pytest.raises(ValueError, match=r"no \{prompt\} field"):
+        ev.read_template(tmp_path / "bad.txt")
+    assert ev.main(["--model", "tiny", "--judge", tiny_judge, "--judge-template", str(tmp_path / "nosuch.txt"),
+                    "--prompts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e")]) == 2
+    assert "--judge-template" in capsys.readouterr().err
+    with pytest.raises(OSError, match="hf download Qwen/Qwen3-VL-8B-Instruct --local-dir DIR"):
+        vlm_judge.load_judge(str(tmp_path / "no_judge_here"))
+
+
+def test_judge_inputs_expand_each_image_and_batch_with_left_padding(tiny_judge):
+    from PIL import Image
+
+    judge = vlm_judge.load_judge(tiny_judge)
+    small, big = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (128, 96), (0, 0, 200))
+    batch = judge.inputs([(small, big, "a"), (big, big, "a much longer prompt than the first one")])
+    tok = AutoTokenizer_of(tiny_judge)
+    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    grids = batch["image_grid_thw"].tolist()
+    assert grids == [[1, 4, 4], [1, 6, 8], [1, 6, 8], [1, 6, 8]]  # 16-pixel patches
+    assert [(row == pad_id).sum().item() for row in batch["input_ids"]] == [4 + 12, 12 + 12]  # / merge 2 x 2
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()  # left padding
+    one = judge.inputs([(small, big, "a")])
+    n = one["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][0, -n:], one["input_ids"][0])
+    assert torch.equal(batch["pixel_values"][:len(one["pixel_values"])], one["pixel_values"])
+
+
+def AutoTokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_judge_inputs_equal_the_stock_qwen3vl_processor_where_torchvision_imports(tiny_judge):
+    try:
+        import torchvision  # noqa: F401
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    except Exception as e:  # torchvision's wheel does not import beside the CPU torch of these machines
+        pytest.skip(f"the stock processor needs torchvision ({e})")
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    judge = vlm_judge.load_judge(tiny_judge)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_judge)
+    stock = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor.from_pretrained(tiny_judge), tokenizer=tokenizer,
+                             video_processor=Qwen3VLVideoProcessor())
+    a, b = Image.new("RGB", (128, 128), (200, 10, 10)), Image.new("RGB", (96, 64), (10, 10, 200))
+    ours = judge.inputs([(a, b, "a red car")])
+    theirs = stock(text=[judge.text("a red car")], images=[a, b], return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
+    torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"].to(ours["pixel_values"].dtype))
+
+
+def test_judge_port_runs_alone_without_drpo(tiny_judge):
+    script = f"""
+import sys
+from PIL import Image
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import rewards.judge as port
+judge = port.load_judge({tiny_judge!r}, max_new_tokens=4)
+answers = judge([(Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64), (255, 255, 255)), "a white square")])
+assert len(answers) == 1 and isinstance(answers[0], str), answers
+assert "drpo" not in sys.modules, "imported drpo"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def two_loras(tiny, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("judged")
+    for name, lr in (("bright", "3e-2"), ("other", "1e-2")):
+        assert run(tiny, runs / name, "--max-steps", "2", "--lr", lr, "--sample-every", "0") == 0
+    return runs / "bright", runs / "other"
+
+
+def test_eval_judge_runs_end_to_end_and_random_answers_are_invalid_never_wins(tiny, two_loras, tiny_judge,
+                                                                               tmp_path, capsys):
+    import eval as ev
+
+    (tmp_path / "p.txt").write_text("a lighthouse at night\nsnow\n")
+    out = tmp_path / "ev"
+    assert ev.main(["--model", tiny, "--lora", str(two_loras[0]), "--judge", tiny_judge, "--prompts",
+                    str(tmp_path / "p.txt"), "--seeds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = list(__import__("csv").DictReader(open(out / "judge.csv")))
+    assert len(rows) == 2 * 2 * 2  # prompts x seeds x both orders
+    assert {(r["model_a"], r["model_b"]) for r in rows} == {("bright", "base"), ("base", "bright")}
+    assert all(r["verdict"] == "invalid" and r["winner"] == "invalid" for r in rows)  # a random model's tokens
+    res = json.loads((out / "results.json").read_text())["judge"]["bright vs base"]
+    assert res["one_order"]["wins"] == res["consistent"]["wins"] == 0
+    assert res["invalid_answers"] == res["answers"] == 8 and res["consistent"]["valid"] == 0
+    assert "| bright vs base |" in printed and "| bright vs base |" in (out / "table.md").read_text()
+    assert json.loads((out / "results.json").read_text())["scores"] == {}  # --judge alone scores no rewards
+    assert (out / "images" / "bright" / "00001_1.png").is_file()
+
+
+def scripted_judge(*args, **kwargs):
+    """Stands in for the model to pin eval's bookkeeping: prefers the brighter image, except that
+    on prompts containing "biased" it always answers A (a position bias), and on "mute" it rambles."""
+    import numpy as np
+
+    def judge(pairs):
+        answers = []
+        for a, b, prompt in pairs:
+            if "mute" in prompt:
+                answers.append("I cannot decide.")
+                continue
+            ma, mb = (np.asarray(im.convert("RGB"), dtype=np.float32).mean() / 255 for im in (a, b))  # brightness
+            winner = "A" if "biased" in prompt else "A" if ma > mb else "B" if mb > ma else "tie"
+            answers.append(f'```json\n{{"winner": "{winner}", "confidence": 0.7, "reason": "brighter"}}\n```')
+        return answers
+    return judge
+
+
+def test_eval_judge_rates_equal_a_recount_of_judge_csv(tiny, two_loras, tmp_path, monkeypatch):
+    import eval as ev
+
+    monkeypatch.setattr(vlm_judge, "load_judge", scripted_judge)
+    prompts = ["a lighthouse at night", "snow", "a biased bowl of fruit", "a mute cat"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "ev"
+    assert ev.main(["--model", tiny, "--lora", str(two_loras[0]), "--lora", str(two_loras[1]), "--judge", "scripted",
+                    "--reward", "brightness", "--prompts", str(tmp_path / "p.txt"), "--seeds", "3",
+                    "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = list(__import__("csv").DictReader(open(out / "judge.csv")))
+    assert set(res["judge"]) == {"bright vs base", "other vs base", "bright vs other"}
+    assert len(rows) == 3 * len(prompts) * 3 * 2 and "brightness" in res["scores"]  # beside a reward
+    for name, got in res["judge"].items():
+        x = name.split(" vs ")[0]
+        mine = [r for r in rows if r["comparison"] == name]
+        recount = lambda ws: {"wins": ws.count(x), "ties": ws.count("tie"), "valid": len(ws) - ws.count("invalid")}
+        one = [r["winner"] for r in mine if r["authors_order"] == "1"]
+        assert len(one) == len(prompts) * 3
+        for key, value in recount(one).items():
+            assert got["one_order"][key] == value, (name, key)
+        orders = {}
+        for r in mine:
+            orders.setdefault((r["prompt_index"], r["seed"]), []).append(r["winner"])
+        both = ["invalid" if "invalid" in o else o[0] if o[0] == o[1] else "tie" for o in orders.values()]
+        for key, value in recount(both).items():
+            assert got["consistent"][key] == value, (name, key)
+        valid = recount(both)["valid"]
+        assert got["consistent"]["preference"] == pytest.approx((both.count(x) + both.count("tie") / 2) / valid)
+        assert got["invalid_answers"] == sum(r["winner"] == "invalid" for r in mine) == 2 * 3  # the mute prompt
+        # the position-biased prompt never yields a consistent win; the brightness-driven ones agree across orders
+        biased = [w for (i, _), w in zip(orders, both) if prompts[int(i)].startswith("a biased")]
+        assert biased and all(w == "tie" for w in biased)
+        assert got["agreement"] == pytest.approx(
+            sum(o[0] == o[1] for o in orders.values() if "invalid" not in o) / valid)
+    # and the consistent wins are the pairs the brightness reward (scores.csv) orders the same way
+    scores = {}
+    for r in __import__("csv").DictReader(open(out / "scores.csv")):
+        scores.setdefault(r["model"], []).append((r["prompt"], float(r["brightness"])))
+    plain = [(p, a, b) for (p, a), (_, b) in zip(scores["base"], scores["bright"]) if "biased" not in p and "mute" not in p]
+    assert res["judge"]["bright vs base"]["consistent"]["wins"] == sum(b > a for _, a, b in plain)
+    assert res["judge"]["bright vs base"]["consistent"]["losses"] == sum(b < a for _, a, b in plain)
+
 
 def test_toy2d_moves_toward_the_reward_and_lambda_ref_holds_it_near_the_base(tmp_path):
     toy2d = importlib.import_module("examples.toy2d")

@@ -2,6 +2,7 @@
 
     python examples/tiny_model.py DIR [--arch sdxl]     # write one to DIR
     python drpo.py --model tiny ...                     # or let drpo.py build it once in the cache
+    python examples/tiny_model.py DIR --arch judge      # a tiny random Qwen3-VL judge for eval.py --judge DIR
 
 It is saved with `save_pretrained` and loaded back by drpo.py through the same code as SD-Turbo
 and SDXL-Turbo; on 2 CPU cores it trains a DrPO step in well under a second. Not part of the
@@ -100,11 +101,51 @@ def make_tiny(out_dir, seed=0, arch="sd"):
     return out_dir
 
 
+def make_tiny_judge(out_dir, seed=0):
+    """A tiny random Qwen3-VL folder (model, tokenizer, image processor, chat template) that
+    rewards/judge.py loads as it loads Qwen3-VL-8B-Instruct. Its vocabulary and chat template are the
+    tiny Qwen2 tokenizer of fixtures/hpsv3_tiny (the same special tokens as Qwen3-VL's). Its answers
+    are random tokens: invalid verdicts, which is what an offline demo of the plumbing needs."""
+    import shutil
+
+    from transformers import AutoTokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv3_tiny" / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = {t: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for t in ("image_pad", "video_pad", "vision_start",
+                                                                    "vision_end", "im_end", "endoftext")}
+    config = Qwen3VLConfig(  # Qwen3-VL-8B's layout at toy width: 16-pixel patches, 2 x 2 merge, deepstack
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=ids["im_end"],
+                         pad_token_id=ids["endoftext"], rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                        "mrope_section": [2, 1, 1],
+                                                                        "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3, size={"shortest_edge": 32 * 32, "longest_edge": 256 * 32 * 32}
+                             ).save_pretrained(out_dir)
+    shutil.copy(base / "chat_template.json", Path(out_dir) / "chat_template.json")
+    return out_dir
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write a tiny random SD or SDXL pipeline (diffusers folder) to DIR.")
+    ap = argparse.ArgumentParser(description="Write a tiny random SD or SDXL pipeline (diffusers folder), or a tiny "
+                                 "random Qwen3-VL judge, to DIR.")
     ap.add_argument("dir", help="output folder")
-    ap.add_argument("--arch", choices=("sd", "sdxl"), default="sd", help="architecture")
+    ap.add_argument("--arch", choices=("sd", "sdxl", "judge"), default="sd", help="architecture")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
-    make_tiny(a.dir, a.seed, a.arch)
-    print(f"wrote a tiny {a.arch.upper()} pipeline to {a.dir}; train on it with python drpo.py --model {a.dir}")
+    if a.arch == "judge":
+        make_tiny_judge(a.dir, a.seed)
+        print(f"wrote a tiny random Qwen3-VL judge to {a.dir}; use it with python eval.py --judge {a.dir}")
+    else:
+        make_tiny(a.dir, a.seed, a.arch)
+        print(f"wrote a tiny {a.arch.upper()} pipeline to {a.dir}; train on it with python drpo.py --model {a.dir}")
