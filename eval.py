@@ -300,6 +300,9 @@ def evaluate(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.prompts is None) == (args.geneval is None):
         raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, one of them")
+    if args.judge_template and not args.judge:
+        raise ValueError("--judge-template is the instruction of --judge; add --judge")
+    template = read_template(args.judge_template)
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval = drpo.beside("rewards.geneval")
@@ -308,12 +311,12 @@ def evaluate(args):
         detect = geneval.load_detector(args.reward_device or device, paths["geneval_detector"], paths["geneval_clip"])
         by_prompt = {m["prompt"]: m for m in metadata}
 
-        def judge(images, prompts):
+        def decide_images(images, prompts):
             metas = [by_prompt[p] for p in prompts]
             verdicts.extend(geneval.decide(m, d) for m, d in zip(metas, detect(images, metas)))
             return torch.tensor([float(c) for c, _ in verdicts[-len(images):]])
 
-        rewards = {"geneval": judge}
+        rewards = {"geneval": decide_images}
     else:
         prompts = load_prompts(args.prompts, args.max_prompts)
         names = [r.strip() for r in (args.reward or ("" if args.judge else DEFAULT_REWARDS)).split(",") if r.strip()]
@@ -321,7 +324,6 @@ def evaluate(args):
         if args.paper_scales and "imagereward" in rewards:
             rewards["imagereward"] = lambda images, prompts, fn=rewards["imagereward"]: 10 * fn(images, prompts)
     if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass
-        template = read_template(args.judge_template)
         judge = drpo.beside("rewards.judge").load_judge(args.judge, args.reward_device or device, template=template,
                                                         batch_size=args.judge_batch)
     pipe = drpo.load_pipeline(args.model, dtype).to(device)

@@ -1779,6 +1779,9 @@ def test_judge_template_reaches_the_chat_template_verbatim(tiny_judge, tmp_path,
     assert ev.main(["--model", "tiny", "--judge", tiny_judge, "--judge-template", str(tmp_path / "nosuch.txt"),
                     "--prompts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e")]) == 2
     assert "--judge-template" in capsys.readouterr().err
+    assert ev.main(["--model", "tiny", "--judge-template", str(tmp_path / "t.txt"), "--prompts", str(tmp_path / "t.txt"),
+                    "--out", str(tmp_path / "e")]) == 2
+    assert "add --judge" in capsys.readouterr().err
     with pytest.raises(OSError, match="hf download Qwen/Qwen3-VL-8B-Instruct --local-dir DIR"):
         vlm_judge.load_judge(str(tmp_path / "no_judge_here"))
 
