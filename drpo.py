@@ -252,9 +252,6 @@ def select_pos_neg(scores, n_pos, n_neg):
 # ----------------------------------------------------------------------------------------
 
 
-ONE_STEP_T = 999  # SD-Turbo and SDXL-Turbo are sampled with a single step at the last training timestep
-
-
 @torch.no_grad()
 def unet_conditioning(pipe, prompts, side):
     """What the UNet takes besides the noisy latent and the timestep, {name: (B, ...) tensor},
@@ -277,17 +274,34 @@ def unet_kwargs(cond):
     return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
 
 
-def one_step(unet, z, cond, alpha_bar):
-    """The clean latent x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) at t = 999, a = alphas_cumprod[999].
+def one_step_recipe(scheduler, timestep=None):
+    """The stock pipeline's single step as (t, c_in, c_z, c_out): the UNet sees c_in * z at timestep t
+    and x0 = c_z * z + c_out * its output. Read off a copy of the pipeline's own scheduler, set as the
+    pipeline sets it for num_inference_steps=1 (or timesteps=[timestep], e.g. DMD2's 399), so the
+    prediction type and input scaling are the scheduler's. SD-Turbo (Euler, trailing, epsilon, t = 999):
+    c_in = sqrt(1 - a), c_z = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
+    import copy
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(1) if timestep is None else s.set_timesteps(timesteps=[timestep])
+    t, init = s.timesteps[0], s.init_noise_sigma
+    c_in = float(s.scale_model_input(torch.ones(1) * init, t))
+    # One step on four probes (z, output) = (1, 0), (0, 1), (1, 1), (2, 3): an affine step gives c_z, c_out.
+    z, out = torch.tensor([1.0, 0, 1, 2]), torch.tensor([0.0, 1, 1, 3])
+    x0 = s.step(out, t, z * init).prev_sample.double()
+    c_z, c_out = x0[:2].tolist()
+    affine = torch.tensor([c_z + c_out, 2 * c_z + 3 * c_out], dtype=x0.dtype)
+    if not torch.allclose(x0[2:], affine, rtol=0, atol=1e-5 * (abs(c_z) + abs(c_out))):  # float32 round-off
+        raise ValueError(f"{type(scheduler).__name__}'s one step is not affine in the noise and the UNet's output "
+                         f"(thresholding or clipping?); use an Euler or LCM scheduler, as the one-step models do")
+    return float(t), c_in, c_z, c_out
 
-    Matches the stock pipeline (Euler or Euler-ancestral, trailing spacing, one step: the
-    ancestral noise is zero) on the same noise z: it starts from sigma * z with
-    sigma = sqrt((1 - a) / a) and feeds x_t = sigma * z / sqrt(sigma^2 + 1) = sqrt(1 - a) * z to
-    the UNet, so x0 = sigma * (z - eps). cond: unet_conditioning() of the prompts, one row per z.
-    """
-    x_t = ((1 - alpha_bar).sqrt() * z.float()).to(unet.dtype)
-    eps = unet(x_t, ONE_STEP_T, **unet_kwargs(cond)).sample
-    return ((1 - alpha_bar) / alpha_bar).sqrt() * (z.float() - eps.float())
+
+def one_step(unet, z, cond, recipe):
+    """The clean latent x0 = c_z * z + c_out * UNet(c_in * z, t) from unit noise z, as the stock pipeline
+    computes it on the same noise. recipe: one_step_recipe(); cond: unet_conditioning(), a row per z."""
+    t, c_in, c_z, c_out = recipe
+    out = unet((c_in * z.float()).to(unet.dtype), t, **unet_kwargs(cond)).sample
+    return c_z * z.float() + c_out * out.float()
 
 
 def decode(vae, latents):
@@ -370,7 +384,7 @@ def train(args, stop_asked=()):
             reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
                                     precision_dtype(args.reward_precision, reward_device),
                                     geneval_metadata=args.prompts, **{k: getattr(args, k) for k in REWARD_PATHS})
-    alpha_bar = pipe.scheduler.alphas_cumprod[ONE_STEP_T].to(device)
+    recipe = one_step_recipe(pipe.scheduler, args.timestep)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
@@ -407,10 +421,10 @@ def train(args, stop_asked=()):
                 # 1. Sample: K candidates from G_theta (unchunked, with the graph step 5 backpropagates) and,
                 # on the same noises, from the base G_0.
                 with torch.set_grad_enabled(C >= K), autocast:
-                    x = one_step(unet, z, cond, alpha_bar)
+                    x = one_step(unet, z, cond, recipe)
                 lap("sample")
                 with torch.no_grad(), autocast, lora_off(unet):
-                    r = one_step(unet, z, cond, alpha_bar)
+                    r = one_step(unet, z, cond, recipe)
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
@@ -452,7 +466,7 @@ def train(args, stop_asked=()):
                         part = lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
                         cc = {k: part(v) for k, v in cond.items()}
                         with autocast:
-                            fx = phi(one_step(unet, part(z), cc, alpha_bar), part(feat_noise), cc)
+                            fx = phi(one_step(unet, part(z), cc, recipe), part(feat_noise), cc)
                     fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")
@@ -477,7 +491,7 @@ def train(args, stop_asked=()):
             write_metrics(out, step, log, grad_norm, optimizer, times, bar)
             if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 with autocast:
-                    grid = image_grid(sample_images(pipe, prompts[:args.grid_prompts], grid_noises, alpha_bar),
+                    grid = image_grid(sample_images(pipe, prompts[:args.grid_prompts], grid_noises, recipe),
                                       len(grid_noises))
                 (out / "samples").mkdir(exist_ok=True)
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
@@ -747,6 +761,8 @@ def save_lora(pipe, out_dir):
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
 TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}  # offline demo models, built on first use
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+MULTI_STEP = {"FluxPipeline": "FLUX.1 is a flow-matching model sampled in several steps (schnell: 4)",
+              "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)"}
 TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
 
 
@@ -776,25 +792,27 @@ def model_error(model, path, e):
 
 def model_configs(model):
     """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
-    it, never guessed from the model's name) and its UNet and VAE configs, read without weights."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    it, never guessed from the model's name) and its UNet, VAE and scheduler configs, read without weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
     path = resolve_model(model)
     try:
         name = DiffusionPipeline.load_config(path)["_class_name"]
-        configs = (UNet2DConditionModel.load_config(path, subfolder="unet"),
-                   AutoencoderKL.load_config(path, subfolder="vae"))
+        configs = name in PIPELINES and (UNet2DConditionModel.load_config(path, subfolder="unet"),  # other families
+                                         AutoencoderKL.load_config(path, subfolder="vae"),         # have no unet/
+                                         DDPMScheduler.load_config(path, subfolder="scheduler"))
     except (OSError, ValueError, KeyError) as e:
         raise model_error(model, path, e) from e
-    if name not in PIPELINES:
-        raise ValueError(f"--model {model} is a {name}; DrPO here trains one-step text-to-image pipelines of the "
-                         f"classes {', '.join(PIPELINES)}, such as sd-turbo or sdxl-turbo")
+    if not configs:
+        why = f": {MULTI_STEP[name]}, and DrPO trains one-step generators" if name in MULTI_STEP else ""
+        raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join(PIPELINES)} (SD-Turbo, SDXL-Turbo, "
+                         f"and one-step SDXL UNets such as DMD2's or SDXL-Lightning's: docs/models.md)")
     return path, name, *configs
 
 
 def load_pipeline(model, dtype=torch.float32):
     """The pipeline class the folder names (SD or SDXL), every weight frozen: the LoRA is all that trains."""
     import diffusers
-    path, name, _, _ = model_configs(model)
+    path, name, *_ = model_configs(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
@@ -803,10 +821,6 @@ def load_pipeline(model, dtype=torch.float32):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if kind != "epsilon":
-        raise ValueError(f"--model {model} predicts {kind!r}; the one-step sampler here needs an epsilon model "
-                         f"such as sd-turbo")
     return pipe
 
 
@@ -831,12 +845,12 @@ def latent_shape(pipe, resolution=None):
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts, noises, alpha_bar):
+def sample_images(pipe, prompts, noises, recipe):
     """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
     side = noises.shape[-1] * pipe.vae_scale_factor
     cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
     z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, alpha_bar)))
+    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, recipe)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1201,7 +1215,10 @@ def check_args(args, world=1):
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
     # The model's configs only (a few kB), for the checks that depend on the architecture.
-    _, _, unet_cfg, vae_cfg = model_configs(args.model)
+    _, _, unet_cfg, vae_cfg, scheduler_cfg = model_configs(args.model)
+    if args.timestep is not None and not 0 <= args.timestep < scheduler_cfg["num_train_timesteps"]:
+        raise ValueError(f"--timestep {args.timestep}: this model's scheduler has timesteps 0 .. "
+                         f"{scheduler_cfg['num_train_timesteps'] - 1}")
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
     if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
         raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
@@ -1252,8 +1269,9 @@ def build_parser():
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a diffusers pipeline "
-                   "folder (SD or SDXL), or `tiny` / `tiny-sdxl`: tiny random pipelines for offline demos")
+                   "folder (SD or SDXL, e.g. DMD2: docs/models.md), or `tiny` / `tiny-sdxl` (offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
+    g.add_argument("--timestep", type=int, help="the one step's timestep (default: the stock pipeline's; DMD2: 399)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")

@@ -280,6 +280,7 @@ def build_parser():
     p.add_argument("--seeds", type=int, default=4, help="noises per prompt: seeds 0 .. N-1")
     p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--timestep", type=int, help="the one step's timestep, as trained (default: the stock pipeline's)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="generator dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -336,7 +337,7 @@ def evaluate(args):
     seeds = list(range(args.seeds))
     noises = torch.cat([torch.randn((1, *drpo.latent_shape(pipe, args.resolution)),
                                     generator=torch.Generator().manual_seed(s)) for s in seeds])
-    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+    recipe = drpo.one_step_recipe(pipe.scheduler, args.timestep)
 
     # scores[reward][label]: (prompts * seeds,) in prompt-major order; grid: first seed per row
     out = Path(args.out)
@@ -348,7 +349,7 @@ def evaluate(args):
             pipe.load_lora_weights(folder)
         per = {r: [] for r in rewards}
         for i, prompt in enumerate(prompts):
-            images = drpo.sample_images(pipe, [prompt], noises, alpha_bar)
+            images = drpo.sample_images(pipe, [prompt], noises, recipe)
             if args.judge:  # kept on disk for the judge (and for looking at what it judged)
                 (out / "images" / label).mkdir(parents=True, exist_ok=True)
                 for s, im in zip(seeds, images):

@@ -373,17 +373,89 @@ def pipeline(tiny, lora=None):
     return pipe
 
 
-def test_one_step_sampler_matches_the_diffusers_pipeline(tiny_any):
-    tiny = tiny_any
-    pipe = pipeline(tiny)  # with the scheduler the folder names (Euler for SD, Euler-ancestral for SDXL)
+def with_scheduler(folder, out, scheduler, **config):
+    """A copy of a pipeline folder whose scheduler is another class or config (how DMD2's and
+    SDXL-Lightning's folders are made from SDXL's: docs/models.md)."""
+    import diffusers
+
+    shutil.copytree(folder, out)
+    old = diffusers.DDPMScheduler.load_config(folder, subfolder="scheduler")
+    getattr(diffusers, scheduler).from_config(old, **config).save_pretrained(Path(out) / "scheduler")
+    index = json.loads((Path(out) / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", scheduler]
+    (Path(out) / "model_index.json").write_text(json.dumps(index))
+    return str(out)
+
+
+# (scheduler class, its config changes, --timestep): the stock schedulers (SD-Turbo's Euler, SDXL-Turbo's
+# Euler-ancestral), DMD2's LCM at 399, SDXL-Lightning's x0-predicting Euler, and Euler with v-prediction
+ONE_STEP_MODELS = {"stock": None, "lcm-399": ("LCMScheduler", {}, 399),
+                   "lightning": ("EulerDiscreteScheduler", {"prediction_type": "sample"}, None),
+                   "v-prediction": ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"}, None)}
+
+
+@pytest.mark.parametrize("kind", ONE_STEP_MODELS)
+def test_one_step_sampler_matches_the_diffusers_pipeline(tiny_any, tmp_path, kind):
+    tiny, timestep = tiny_any, None
+    if ONE_STEP_MODELS[kind]:
+        scheduler, config, timestep = ONE_STEP_MODELS[kind]
+        tiny = with_scheduler(tiny_any, tmp_path / kind, scheduler, **config)
+    pipe = pipeline(tiny)  # the stock pipeline, with the scheduler the folder names
+    assert type(pipe.scheduler).__name__ == (ONE_STEP_MODELS[kind] or [type(pipe.scheduler).__name__])[0]
     z = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     prompts = ["a red fox", "a blue boat on a lake"]
-    ref = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+    steps = dict(timesteps=[timestep]) if timestep else dict(num_inference_steps=1)
+    ref = pipe(prompts, latents=z, guidance_scale=0.0, output_type="latent", **steps).images
     mine = drpo.load_pipeline(tiny)
+    recipe = drpo.one_step_recipe(mine.scheduler, timestep)
+    assert recipe[0] == (timestep or 999)
     with torch.no_grad():
-        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, prompts, 128), mine.scheduler.alphas_cumprod[999])
+        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, prompts, 128), recipe)
         img = drpo.decode(mine.vae, x)
-    torch.testing.assert_close(img, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(img, pipe.image_processor.postprocess(pipe.vae.decode(
+        ref / pipe.vae.config.scaling_factor).sample.detach(), output_type="pt"), rtol=0, atol=1e-5)
+
+
+def test_a_dmd2_style_model_trains_and_its_lora_loads_into_the_stock_pipeline(tiny_sdxl, tmp_path):
+    """An SDXL folder with LCM at --timestep 399 (DMD2's recipe) goes through the same loop; what it
+    trains is what the stock pipeline with timesteps=[399] and the LoRA loaded samples."""
+    model = with_scheduler(tiny_sdxl, tmp_path / "dmd2", "LCMScheduler")
+    assert run(model, tmp_path / "run", "--max-steps", "2", "--lr", "3e-2", "--sample-every", "0",
+               "--timestep", "399") == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["timestep"] == 399
+    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
+    stock = pipeline(model, tmp_path / "run")
+    ref = stock("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
+    base = pipeline(model)("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
+    mine = drpo.load_pipeline(model)
+    drpo.add_lora(mine.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    from peft.utils import set_peft_model_state_dict
+    set_peft_model_state_dict(mine.unet, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["lora"])
+    with torch.no_grad():
+        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, ["a snowy owl"], 128),
+                          drpo.one_step_recipe(mine.scheduler, 399))
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert (ref - base).abs().max() > 1e-3  # the LoRA changed the samples
+
+
+def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers",
+                                                                                                      "FluxTransformer2DModel"]}))
+    argv = ["--reward", "brightness", "--max-steps", "1", "--output-dir", str(tmp_path / "o")]
+    assert drpo.main(["--model", str(flux), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "is a FluxPipeline: FLUX.1 is a flow-matching model sampled in several steps" in err
+    assert "Supported: StableDiffusionPipeline, StableDiffusionXLPipeline" in err
+    # a scheduler whose one step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
+    from diffusers import DDIMScheduler
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True)
+    with pytest.raises(ValueError, match="DDIMScheduler's one step is not affine"):
+        drpo.one_step_recipe(ddim)
+    assert drpo.one_step_recipe(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))[0] == 999
 
 
 def test_unet_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
@@ -472,7 +544,7 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_an
     set_peft_model_state_dict(mine.unet, torch.load(out / "checkpoint.pt", weights_only=False)["lora"])
     with torch.no_grad():
         img = drpo.decode(mine.vae, drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, ["a snowy owl"], 128),
-                                                  mine.scheduler.alphas_cumprod[999]))
+                                                  drpo.one_step_recipe(mine.scheduler)))
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
 
@@ -564,7 +636,7 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     lora = [(n, p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
     for _, p in lora:
         p.requires_grad_(True)
-    x_grad = drpo.one_step(pipe.unet, z, cond, pipe.scheduler.alphas_cumprod[999])
+    x_grad = drpo.one_step(pipe.unet, z, cond, drpo.one_step_recipe(pipe.scheduler))
     torch.testing.assert_close(x_grad.detach(), x, rtol=0, atol=1e-4)
     gen = {k: v.reshape(B, -1, v.shape[-1]) for k, v in phi(x_grad, feat_noise, cond).items()}
     loss, _ = drpo.drpo_objective(gen, pos, neg, ref, kernel="laplacian", **w)
@@ -773,6 +845,8 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
     (["--force"], "--force only overrides"),
     (["--model", str(Path(__file__).resolve().parent / "README.md")], "is a file"),
     (["--model", "/nonexistent/model"], "no such folder"),
+    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
+    (["--timestep", "-1"], "timesteps 0 .. 999"),
 ])
 def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, args, message):
     def no_loading(*a, **k):
@@ -1585,7 +1659,7 @@ def test_eval_geneval_runs_end_to_end_on_a_tiny_detector_and_clip(trained, tiny_
     pipe = pipeline(tiny)
     images = drpo.sample_images(pipe, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
         [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]),
-        pipe.scheduler.alphas_cumprod[999])
+        drpo.one_step_recipe(pipe.scheduler))
     detect = geneval.load_detector("cpu", tmp_path / "det", tiny_clip)
     verdicts = [geneval.decide(GENEVAL_ROWS[0], d) for d in detect(images, [GENEVAL_ROWS[0]] * 2)]
     assert [(r["correct"] == "1", r["reason"]) for r in rows if r["model"] == "base" and r["prompt_index"] == "0"] \

@@ -231,7 +231,7 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
     params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     net = reward_net()
-    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+    recipe = drpo.one_step_recipe(pipe.scheduler)
     shape = drpo.latent_shape(pipe, resolution)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     C = chunk or K
@@ -244,7 +244,7 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
             n = len(z[c0:c0 + C])
             with autocast:
                 x = drpo.one_step(pipe.unet, z[c0:c0 + C], {k: v.repeat_interleave(n, 0) for k, v in cond.items()},
-                                  alpha_bar)
+                                  recipe)
                 lap("sample")
                 images = drpo.decode(pipe.vae, x)
                 lap("decode")
@@ -274,7 +274,7 @@ def authors_update(model, K, chunk, steps, resolution, device, reward="brightnes
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     phi = drpo.load_features(features, pipe=pipe, mae_ckpt=str(MAE_TINY), device=device)
     score = drpo.load_reward(reward, device)
-    alpha_bar = pipe.scheduler.alphas_cumprod[drpo.ONE_STEP_T].to(device)
+    recipe = drpo.one_step_recipe(pipe.scheduler)
     shape = drpo.latent_shape(pipe, resolution)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     n, rng, rows = min(8, K // 3), torch.Generator().manual_seed(42), []
@@ -284,10 +284,10 @@ def authors_update(model, K, chunk, steps, resolution, device, reward="brightnes
         cond = {k: v.repeat_interleave(K, 0) for k, v in
                 drpo.unet_conditioning(pipe, ["a photo of a cat"], shape[-1] * pipe.vae_scale_factor).items()}
         with autocast:
-            x = drpo.one_step(pipe.unet, z, cond, alpha_bar)  # with gradient, kept for the one backward
+            x = drpo.one_step(pipe.unet, z, cond, recipe)  # with gradient, kept for the one backward
         lap("sample")
         with torch.no_grad(), autocast:
-            r = drpo.one_step(reference, z, cond, alpha_bar)
+            r = drpo.one_step(reference, z, cond, recipe)
         lap("reference")
         with torch.no_grad(), autocast:
             images = drpo.to_pil(drpo.decode(pipe.vae, x.detach()))
@@ -372,7 +372,7 @@ def forward_ratio(model, arch, resolution, device, n=4):
         return min(times)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return best(lambda: net(images)) / best(lambda: pipe.unet(z, drpo.ONE_STEP_T, **drpo.unet_kwargs(cond)))
+        return best(lambda: net(images)) / best(lambda: pipe.unet(z, 999, **drpo.unet_kwargs(cond)))
 
 
 def run_worker(spec, against=None):
