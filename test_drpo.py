@@ -314,13 +314,17 @@ def tiny(tmp_path_factory):
     return str(tiny_model.make_tiny(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+def tiny_from_the_command_line(folder, arch, flag):
+    """examples/tiny_model.py DIR --arch ARCH, run as a user runs it; it names the flag that takes DIR."""
+    script = Path(__file__).resolve().parent / "examples" / "tiny_model.py"
+    done = subprocess.run([sys.executable, str(script), str(folder), "--arch", arch], capture_output=True, text=True)
+    assert done.returncode == 0 and f"{flag} {folder}" in done.stdout, done.stderr
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyxl") / "model"
-    script = Path(__file__).resolve().parent / "examples" / "tiny_model.py"
-    done = subprocess.run([sys.executable, str(script), str(path), "--arch", "sdxl"], capture_output=True, text=True)
-    assert done.returncode == 0 and f"--model {path}" in done.stdout, done.stderr
-    return str(path)
+    return tiny_from_the_command_line(tmp_path_factory.mktemp("tinyxl") / "model", "sdxl", "--model")
 
 
 @pytest.fixture(params=["sd", "sdxl"])
@@ -1793,11 +1797,7 @@ from rewards import judge as vlm_judge  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_judge(tmp_path_factory):
-    path = tmp_path_factory.mktemp("judge") / "qwen3vl"
-    script = Path(__file__).resolve().parent / "examples" / "tiny_model.py"
-    done = subprocess.run([sys.executable, str(script), str(path), "--arch", "judge"], capture_output=True, text=True)
-    assert done.returncode == 0 and f"--judge {path}" in done.stdout, done.stderr
-    return str(path)
+    return tiny_from_the_command_line(tmp_path_factory.mktemp("judge") / "qwen3vl", "judge", "--judge")
 
 
 @pytest.mark.parametrize("answer, verdict", [
@@ -1869,7 +1869,7 @@ def test_judge_inputs_expand_each_image_and_batch_with_left_padding(tiny_judge):
     judge = vlm_judge.load_judge(tiny_judge)
     small, big = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (128, 96), (0, 0, 200))
     batch = judge.inputs([(small, big, "a"), (big, big, "a much longer prompt than the first one")])
-    tok = AutoTokenizer_of(tiny_judge)
+    tok = judge_tokenizer(tiny_judge)
     pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
     grids = batch["image_grid_thw"].tolist()
     assert grids == [[1, 4, 4], [1, 6, 8], [1, 6, 8], [1, 6, 8]]  # 16-pixel patches
@@ -1881,7 +1881,7 @@ def test_judge_inputs_expand_each_image_and_batch_with_left_padding(tiny_judge):
     assert torch.equal(batch["pixel_values"][:len(one["pixel_values"])], one["pixel_values"])
 
 
-def AutoTokenizer_of(folder):
+def judge_tokenizer(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)

@@ -223,6 +223,13 @@ def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pi
         return [json.loads(line)["phases_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def adam_step(params, optimizer):
+    """The training loop's optimizer step: clip the gradient norm to 1, AdamW, clear."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def reward_grad_update(model, K, chunk, steps, resolution, device):
     """`steps` reward-gradient updates: loss = -mean reward(decode(G_theta(z))), through reward and decoder."""
     dtype = drpo.precision_dtype("auto", device)
@@ -252,9 +259,7 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
             lap("reward")
             loss.backward()
             lap("backward")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        adam_step(params, optimizer)
         lap("optimizer")
         rows.append(times)
     return rows
@@ -307,9 +312,7 @@ def authors_update(model, K, chunk, steps, resolution, device, reward="brightnes
         lap("field")
         drpo.regression_loss(sets(fx), targets).backward()
         lap("backward")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        adam_step(params, optimizer)
         lap("optimizer")
         rows.append(times)
     return rows
