@@ -275,22 +275,19 @@ def unet_kwargs(cond):
 
 
 def one_step_recipe(scheduler, timestep=None):
-    """The stock pipeline's single step as (t, c_in, c_z, c_out): the UNet sees c_in * z at timestep t
-    and x0 = c_z * z + c_out * its output. Read off a copy of the pipeline's own scheduler, set as the
-    pipeline sets it for num_inference_steps=1 (or timesteps=[timestep], e.g. DMD2's 399), so the
-    prediction type and input scaling are the scheduler's. SD-Turbo (Euler, trailing, epsilon, t = 999):
-    c_in = sqrt(1 - a), c_z = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
+    """The stock pipeline's single step as (t, c_in, c_z, c_out): the UNet sees c_in * z at timestep t and
+    x0 = c_z * z + c_out * its output. Read off a copy of the pipeline's scheduler set for num_inference_steps=1
+    (or timesteps=[timestep], e.g. DMD2's 399), so prediction type and input scaling are the scheduler's.
+    SD-Turbo: c_in = sqrt(1 - a), c_z = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
     import copy
     s = copy.deepcopy(scheduler)
     s.set_timesteps(1) if timestep is None else s.set_timesteps(timesteps=[timestep])
     t, init = s.timesteps[0], s.init_noise_sigma
     c_in = float(s.scale_model_input(torch.ones(1) * init, t))
-    # One step on four probes (z, output) = (1, 0), (0, 1), (1, 1), (2, 3): an affine step gives c_z, c_out.
-    z, out = torch.tensor([1.0, 0, 1, 2]), torch.tensor([0.0, 1, 1, 3])
-    x0 = s.step(out, t, z * init).prev_sample.double()
+    # One step on the probes (z, output) = (1, 0), (0, 1), then (1, 1), (2, 3) to check that it is affine.
+    x0 = s.step(torch.tensor([0.0, 1, 1, 3]), t, torch.tensor([1.0, 0, 1, 2]) * init).prev_sample.double()
     c_z, c_out = x0[:2].tolist()
-    affine = torch.tensor([c_z + c_out, 2 * c_z + 3 * c_out], dtype=x0.dtype)
-    if not torch.allclose(x0[2:], affine, rtol=0, atol=1e-5 * (abs(c_z) + abs(c_out))):  # float32 round-off
+    if (x0[2:] - torch.tensor([c_z + c_out, 2 * c_z + 3 * c_out])).abs().max() > 1e-5 * (abs(c_z) + abs(c_out)):
         raise ValueError(f"{type(scheduler).__name__}'s one step is not affine in the noise and the UNet's output "
                          f"(thresholding or clipping?); use an Euler or LCM scheduler, as the one-step models do")
     return float(t), c_in, c_z, c_out
@@ -338,10 +335,9 @@ def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
     gen, pos, neg, ref = {}, {}, {}, {}
     for key, f in fx.items():
         f = f.detach().view(B, -1, *f.shape[1:])  # (B, K, T, D)
-        K = f.shape[1]
-        if fa is not None:
-            f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)  # (B, K + anchors, T, D)
-        gen[key], ref[key] = f[:, :K].flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        if fa is not None:  # each prompt's anchors follow its K samples
+            f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)
         pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
     return gen, pos, neg, ref
 
@@ -532,21 +528,14 @@ class _StopForward(Exception):
 
 
 def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t=100, noise_level=0.1):
-    """Teacher-UNet features: outputs of deep blocks of the frozen base UNet (LoRA off) on the
-    latent + noise_level * noise at timestep t, average-pooled to 4x4, one vector per block.
-
-    Conditioned on the latent's own prompt (cond = unet_conditioning rows), as the published
-    SDXL-Turbo trainer does. The caller passes the noise so that a latent featurized twice
-    (field, then a --grad-chunk regression) sees the same draw. The default blocks are the published ones
-    (down_blocks.-1 = down_blocks.2 on SDXL).
-    """
+    """Teacher-UNet features: outputs of deep blocks of the frozen base UNet (LoRA off) on the latent +
+    noise_level * noise at timestep t, average-pooled to 4x4, one vector per block. Conditioned on the latent's
+    own prompt (cond = unet_conditioning rows), as the published SDXL-Turbo trainer does. The caller passes the
+    noise, so a latent featurized twice (field, then a --grad-chunk regression) sees the same draw. The default
+    blocks are the published ones (down_blocks.-1 = down_blocks.2 on SDXL)."""
     from torch.utils.checkpoint import checkpoint
-    modules = {}
-    for name in layers:
-        m = unet
-        for part in name.split("."):
-            m = m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)
-        modules[name] = m
+    child = lambda m, part: m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)  # "down_blocks.-1"
+    modules = {name: functools.reduce(child, name.split("."), unet) for name in layers}
 
     def teacher(x, cond):
         outs, checkpointing = {}, unet.is_gradient_checkpointing

@@ -183,10 +183,10 @@ def judge_all(judge, labels, prompts, seeds, out, batch_size):
     rows, winners = [], {}
     for (x, y, i, s, a, b), answer in zip(jobs, answers):
         verdict = J.parse_verdict(answer)
-        winners.setdefault((x, y, i, s), {})[a == x] = J.winner_of(verdict, a, b)  # key: X shown as image A
+        winner = winners.setdefault((x, y, i, s), {})[a == x] = J.winner_of(verdict, a, b)  # key: X shown as A
         rows.append({"comparison": f"{x} vs {y}", "prompt_index": i, "seed": s, "prompt": prompts[i], "model_a": a,
                      "model_b": b, "authors_order": int(J.swapped(i, s) == (a == y)), "answer": answer,
-                     "verdict": verdict or "invalid", "winner": J.winner_of(verdict, a, b) or "invalid"})
+                     "verdict": verdict or "invalid", "winner": winner or "invalid"})
     with open(out / "judge.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -304,6 +304,9 @@ def evaluate(args):
     if args.judge_template and not args.judge:
         raise ValueError("--judge-template is the instruction of --judge; add --judge")
     template = read_template(args.judge_template)
+    steps = drpo.model_configs(args.model)[4]["num_train_timesteps"]  # configs only: checked before any load
+    if args.timestep is not None and not 0 <= args.timestep < steps:
+        raise ValueError(f"--timestep {args.timestep}: this model's scheduler has timesteps 0 .. {steps - 1}")
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval = drpo.beside("rewards.geneval")

@@ -1838,7 +1838,7 @@ def test_judge_order_follows_the_authors_hash():
     assert {vlm_judge.swapped(*k) for k in known} == {True, False}
 
 
-def test_judge_template_reaches_the_chat_template_verbatim(tiny_judge, tmp_path, capsys):
+def test_judge_template_reaches_the_chat_template_verbatim(tiny, tiny_judge, tmp_path, capsys):
     import eval as ev
 
     theirs = 'Judge two images for "{prompt}".\nReturn {"winner": "A"|"B"|"tie"} only.  Trailing spaces stay. '
@@ -1859,6 +1859,9 @@ def test_judge_template_reaches_the_chat_template_verbatim(tiny_judge, tmp_path,
     assert ev.main(["--model", "tiny", "--judge-template", str(tmp_path / "t.txt"), "--prompts", str(tmp_path / "t.txt"),
                     "--out", str(tmp_path / "e")]) == 2
     assert "add --judge" in capsys.readouterr().err
+    assert ev.main(["--model", tiny, "--timestep", "1000", "--reward", "brightness", "--prompts",
+                    str(tmp_path / "t.txt"), "--out", str(tmp_path / "e")]) == 2
+    assert "--timestep 1000: this model's scheduler has timesteps 0 .. 999" in capsys.readouterr().err
     with pytest.raises(OSError, match="hf download Qwen/Qwen3-VL-8B-Instruct --local-dir DIR"):
         vlm_judge.load_judge(str(tmp_path / "no_judge_here"))
 
