@@ -1,6 +1,7 @@
 """DrPO: Drifting Preference Optimization for one-step text-to-image generators.
 
-A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo.
+A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (and other one-step
+generators: DMD2, SDXL-Lightning, SANA-Sprint in generators/sana.py; docs/models.md).
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
@@ -18,8 +19,8 @@ One training step, per prompt c, as in the paper:
 Sections, in reading order:
   1. the drift field: pure torch, copy it into your own trainer;
   2. one-step sampling and the training loop, whose blocks are the five steps above;
-  3. what the loop calls: feature maps, the reward protocol, the LoRA, the generator (ports of
-     other people's networks live beside this file in rewards/ and features/, one file per model);
+  3. what the loop calls: feature maps, the reward protocol, the LoRA, the generator (ports of other
+     people's networks live beside this file in rewards/, features/ and generators/, one file per model);
   4. plumbing: several processes, files, validation;
   5. the command line.
 """
@@ -254,24 +255,25 @@ def select_pos_neg(scores, n_pos, n_neg):
 
 @torch.no_grad()
 def unet_conditioning(pipe, prompts, side):
-    """What the UNet takes besides the noisy latent and the timestep, {name: (B, ...) tensor},
-    exactly as the stock pipeline computes it. This is the one place SD and SDXL differ: SD
-    takes CLIP text embeddings; SDXL the embeddings of two text encoders, the pooled embedding
-    and the size/crop "time ids" (side x side, no crop), as the stock SDXL pipeline builds them."""
+    """The UNet's keyword inputs besides the noisy latent and the timestep, a row per prompt, exactly as
+    the stock pipeline computes them. This is the one place SD and SDXL differ: SD takes CLIP text
+    embeddings; SDXL the embeddings of two text encoders, the pooled embedding and the size/crop
+    "time ids" (side x side, no crop), as the stock SDXL pipeline builds them."""
     if is_sdxl(pipe):
         emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
                                                do_classifier_free_guidance=False)
         ids = torch.tensor([side, side, 0, 0, side, side], dtype=emb.dtype, device=emb.device)
-        return {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)}
+        return {"encoder_hidden_states": emb,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)}}
     tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return {"encoder_hidden_states": pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]}
 
 
-def unet_kwargs(cond):
-    """unet_conditioning's output as UNet2DConditionModel keyword arguments."""
-    added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}  # SDXL: text_embeds, time_ids
-    return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+def rows(cond, f):
+    """f applied to every tensor of a conditioning (nested dicts too: SDXL's added_cond_kwargs), e.g. to
+    repeat or slice its rows."""
+    return {k: rows(v, f) if isinstance(v, dict) else f(v) for k, v in cond.items()}
 
 
 def one_step_recipe(scheduler, timestep=None):
@@ -293,11 +295,11 @@ def one_step_recipe(scheduler, timestep=None):
     return float(t), c_in, c_z, c_out
 
 
-def one_step(unet, z, cond, recipe):
-    """The clean latent x0 = c_z * z + c_out * UNet(c_in * z, t) from unit noise z, as the stock pipeline
+def one_step(net, z, cond, recipe):
+    """The clean latent x0 = c_z * z + c_out * net(c_in * z, t) from unit noise z, as the stock pipeline
     computes it on the same noise. recipe: one_step_recipe(); cond: unet_conditioning(), a row per z."""
     t, c_in, c_z, c_out = recipe
-    out = unet((c_in * z.float()).to(unet.dtype), t, **unet_kwargs(cond)).sample
+    out = net((c_in * z.float()).to(net.dtype), timestep=torch.full((len(z),), t, device=z.device), **cond).sample
     return c_z * z.float() + c_out * out.float()
 
 
@@ -315,14 +317,14 @@ def to_pil(images):
 
 
 @contextlib.contextmanager
-def lora_off(unet):
-    """The frozen base generator G_0: the same UNet with its adapter switched off,
-    so no second copy of the UNet is needed."""
-    unet.disable_adapters()
+def lora_off(net):
+    """The frozen base generator G_0: the same network with its adapter switched off,
+    so no second copy of it is needed."""
+    net.disable_adapters()
     try:
         yield
     finally:
-        unet.enable_adapters()
+        net.enable_adapters()
 
 
 def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
@@ -360,27 +362,26 @@ def train(args, stop_asked=()):
     prompts = list(pairs) if pairs else read_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
 
-    # Models: the pipeline (frozen), a LoRA on its UNet (trainable), the reward, the feature map.
+    # Models: the generator (frozen), a LoRA on its network (trainable), the reward, the feature map.
     with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
-        pipe = load_pipeline(args.model, dtype).to(device)
-        unet, vae = pipe.unet, pipe.vae
+        model = load_generator(args.model, dtype, device, args.timestep)
+        net, vae, recipe = model.net, model.pipe.vae, model.recipe  # the UNet (SANA: the transformer)
         torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
-        params = add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        params = add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
         if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        phi = load_features(args.features, pipe=pipe, mae_ckpt=args.mae_ckpt,
-                            unet_layers=args.unet_layers.split(","), dinov2=args.dinov2, device=device)
-        shape = latent_shape(pipe, args.resolution)
-        side = shape[-1] * pipe.vae_scale_factor  # image side in pixels
+            net.enable_gradient_checkpointing()
+        phi = load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
+                            layers=args.teacher_layers and args.teacher_layers.split(","))
+        shape = latent_shape(model, args.resolution)
+        side = shape[-1] * model.pipe.vae_scale_factor  # image side in pixels
         if pairs:  # offline preference pairs: each image VAE-encoded once, kept in memory
             paths = sorted({p for chosen, rejected in pairs.values() for p in (*chosen, *rejected)})
-            latent_of = dict(zip(paths, encode_images(pipe, paths, side)))
+            latent_of = dict(zip(paths, encode_images(model, paths, side)))
         else:
             reward_device = reward_device_of(args.reward_device, device, local_rank)
             reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
                                     precision_dtype(args.reward_precision, reward_device),
                                     geneval_metadata=args.prompts, **{k: getattr(args, k) for k in REWARD_PATHS})
-    recipe = one_step_recipe(pipe.scheduler, args.timestep)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
@@ -393,7 +394,7 @@ def train(args, stop_asked=()):
     # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
     rng = torch.Generator().manual_seed(args.seed)
     grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
-    step, order = start_or_resume(args, unet, optimizer, rng, rank, world)
+    step, order = start_or_resume(args, net, optimizer, rng, rank, world)
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
     stop = False
@@ -411,16 +412,16 @@ def train(args, stop_asked=()):
                     anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
                 if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
                     continue
-                prompt_cond = unet_conditioning(pipe, batch, side)
-                cond = {k: v.repeat_interleave(K, 0) for k, v in prompt_cond.items()}  # one row per candidate
+                prompt_cond = model.conditioning(batch, side)
+                cond = rows(prompt_cond, lambda v: v.repeat_interleave(K, 0))  # one row per candidate
 
                 # 1. Sample: K candidates from G_theta (unchunked, with the graph step 5 backpropagates) and,
                 # on the same noises, from the base G_0.
                 with torch.set_grad_enabled(C >= K), autocast:
-                    x = one_step(unet, z, cond, recipe)
+                    x = one_step(net, z, cond, recipe)
                 lap("sample")
-                with torch.no_grad(), autocast, lora_off(unet):
-                    r = one_step(unet, z, cond, recipe)
+                with torch.no_grad(), autocast, lora_off(net):
+                    r = one_step(net, z, cond, recipe)
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
@@ -437,7 +438,7 @@ def train(args, stop_asked=()):
                     M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
                     anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
                                            for p in batch]).flatten(0, 1).to(device, x.dtype)
-                    anchor_cond = {k: v.repeat_interleave(P + M, 0) for k, v in prompt_cond.items()}
+                    anchor_cond = rows(prompt_cond, lambda v: v.repeat_interleave(P + M, 0))
                     pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
                     neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
                 lap("reward")
@@ -460,9 +461,9 @@ def train(args, stop_asked=()):
                 for c0 in range(0, K, C):
                     if C < K:
                         part = lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
-                        cc = {k: part(v) for k, v in cond.items()}
+                        cc = rows(cond, part)
                         with autocast:
-                            fx = phi(one_step(unet, part(z), cc, recipe), part(feat_noise), cc)
+                            fx = phi(one_step(net, part(z), cc, recipe), part(feat_noise), cc)
                     fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")
@@ -487,14 +488,13 @@ def train(args, stop_asked=()):
             write_metrics(out, step, log, grad_norm, optimizer, times, bar)
             if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 with autocast:
-                    grid = image_grid(sample_images(pipe, prompts[:args.grid_prompts], grid_noises, recipe),
-                                      len(grid_noises))
+                    grid = image_grid(sample_images(model, prompts[:args.grid_prompts], grid_noises), len(grid_noises))
                 (out / "samples").mkdir(exist_ok=True)
                 atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
             if stop or step == args.max_steps or (args.sample_every and step % args.sample_every == 0):
                 beside("eval").plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
             if stop or step % args.save_every == 0 or step == args.max_steps:
-                save_checkpoint(out, pipe, optimizer, rng, step, order)
+                save_checkpoint(out, model, optimizer, rng, step, order)
         if stop and world > 1:
             dist.barrier()  # rank 0 has saved before any process leaves
     bar.close()
@@ -524,21 +524,22 @@ def map_stats(fmap, prefix):
 
 
 class _StopForward(Exception):
-    """Raised by the last feature hook: the UNet layers after it are not needed."""
+    """Raised by the last feature hook: the network's layers after it are not needed."""
 
 
-def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t=100, noise_level=0.1):
-    """Teacher-UNet features: outputs of deep blocks of the frozen base UNet (LoRA off) on the latent +
-    noise_level * noise at timestep t, average-pooled to 4x4, one vector per block. Conditioned on the latent's
-    own prompt (cond = unet_conditioning rows), as the published SDXL-Turbo trainer does. The caller passes the
-    noise, so a latent featurized twice (field, then a --grad-chunk regression) sees the same draw. The default
-    blocks are the published ones (down_blocks.-1 = down_blocks.2 on SDXL)."""
+def teacher_features(net, layers, t=100, c_in=1.0, noise_level=0.1):
+    """Teacher features: outputs of blocks of the frozen base network (LoRA off) on c_in * (latent + noise_level *
+    noise) at timestep t, average-pooled to 4x4 (a transformer's tokens as their square grid), one vector per
+    block. Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer
+    does. The caller passes the noise, so a latent featurized twice (field, then a --grad-chunk regression) sees
+    the same draw. SD/SDXL: t = 100, c_in = 1 and the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
     from torch.utils.checkpoint import checkpoint
     child = lambda m, part: m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)  # "down_blocks.-1"
-    modules = {name: functools.reduce(child, name.split("."), unet) for name in layers}
+    modules = {name: functools.reduce(child, name.split("."), net) for name in layers}
+    grid = lambda o: o if o.dim() == 4 else o.transpose(1, 2).unflatten(2, (math.isqrt(o.shape[1]),) * 2)
 
     def teacher(x, cond):
-        outs, checkpointing = {}, unet.is_gradient_checkpointing
+        outs, checkpointing = {}, net.is_gradient_checkpointing
 
         def hook(module, inputs, output):
             outs[module] = output[0] if isinstance(output, tuple) else output
@@ -548,49 +549,51 @@ def unet_features(unet, layers=("down_blocks.-1", "mid_block", "up_blocks.0"), t
         handles = [m.register_forward_hook(hook) for m in modules.values()]
         try:
             if checkpointing:  # phi checkpoints the teacher as a whole instead (see below)
-                unet.disable_gradient_checkpointing()
-            with lora_off(unet), contextlib.suppress(_StopForward):
-                unet(x.to(unet.dtype), t, **unet_kwargs(cond))
+                net.disable_gradient_checkpointing()
+            with lora_off(net), contextlib.suppress(_StopForward):
+                net((c_in * x).to(net.dtype), timestep=torch.full((len(x),), t, device=x.device), **cond)
         finally:
             for h in handles:
                 h.remove()
             if checkpointing:
-                unet.enable_gradient_checkpointing()
+                net.enable_gradient_checkpointing()
         return [outs[m] for m in modules.values()]
 
     def phi(latents, noise, cond):
         x = latents + noise_level * noise
-        if unet.is_gradient_checkpointing and x.requires_grad:
+        if net.is_gradient_checkpointing and x.requires_grad:
             # Recompute the whole teacher in backward, LoRA off again. Checkpointing inside it would
             # recompute its blocks after lora_off has ended, i.e. with the LoRA on: another function.
             outs = checkpoint(teacher, x, cond, use_reentrant=False)
         else:
             outs = teacher(x, cond)
-        return {f"unet.{n}": F.adaptive_avg_pool2d(o.float(), 4).flatten(1)[:, None] for n, o in zip(modules, outs)}
+        return {f"teacher.{n}": F.adaptive_avg_pool2d(grid(o).float(), 4).flatten(1)[:, None]
+                for n, o in zip(modules, outs)}
 
     return phi
 
 
-FEATURES = ("unet", "mae", "latent", "dinov2")
+FEATURES = ("teacher", "mae", "latent", "dinov2")
 
 
-def load_features(name, *, pipe=None, mae_ckpt=None, unet_layers=("down_blocks.-1", "mid_block", "up_blocks.0"),
-                  dinov2="facebook/dinov2-base", device="cpu"):
-    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES).
-    noise and cond (the latents' prompt conditioning) are used by the teacher-UNet features only.
-    The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens here."""
-    if name == "unet":
-        return unet_features(pipe.unet, unet_layers)
+def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="facebook/dinov2-base", device="cpu"):
+    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES); model: the
+    generator (load_generator). noise and cond (the latents' prompt conditioning) are used by the teacher
+    features only; layers: their blocks (None: the model's default). The networks of `mae` and `dinov2` are ports in
+    features/; their maps become mean/std tokens here."""
+    if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
+        t, c_in, default = model.teacher
+        return teacher_features(model.net, layers or default, t, c_in)
     if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
         return lambda latents, noise=None, cond=None: map_stats(latents, "latent")
     if name == "mae":  # the paper's: the latent-MAE encoder's last map
         encode = beside("features.mae").mae_encoder(mae_ckpt, device)
         return lambda latents, noise=None, cond=None: map_stats(encode(latents), "layer4")
     if name == "dinov2":  # decode with the VAE (with gradient), then DINOv2's CLS token and patch statistics
-        encode = beside("features.dinov2").dinov2_encoder(dinov2, device, pipe.vae.dtype)
+        encode = beside("features.dinov2").dinov2_encoder(dinov2, device, model.pipe.vae.dtype)
 
         def phi(latents, noise=None, cond=None):
-            cls, grid = encode(decode(pipe.vae, latents))
+            cls, grid = encode(decode(model.pipe.vae, latents))
             return {"dinov2_cls": cls, **map_stats(grid, "dinov2")}
         return phi
     raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
@@ -621,8 +624,8 @@ def random_reward(images, prompts):
 
 
 def beside(module):
-    """A module of this repository, imported on first use: rewards.NAME and features.NAME (ports of other
-    projects' models, one self-contained file each), examples.tiny_model (the offline demo model), eval."""
+    """A module of this repository, imported on first use: rewards.NAME, features.NAME and generators.NAME (ports
+    of other projects' models, one self-contained file each), examples.tiny_model (the offline demo models), eval."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # drpo imported from another folder
         sys.path.append(here)
@@ -722,36 +725,38 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     return reward
 
 
-def add_lora(unet, rank, alpha, targets):
-    """Freeze the UNet and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
+def add_lora(net, rank, alpha, targets):
+    """Freeze the network and give it a trainable LoRA whose B matrices start at zero (G_theta = G_0)."""
     from peft import LoraConfig
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
-                                target_modules=list(targets)))
-    params = [p for p in unet.parameters() if p.requires_grad]
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights="gaussian",
+                               target_modules=list(targets)))
+    params = [p for p in net.parameters() if p.requires_grad]
     for p in params:  # fp32 master weights for the LoRA even when the base is bf16
         p.data = p.data.float()
     return params
 
 
-def lora_state(unet):
+def lora_state(net):
     from peft.utils import get_peft_model_state_dict
-    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(net).items()}
 
 
-def save_lora(pipe, out_dir):
+def save_lora(model, out_dir):
     """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
-    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (SD and SDXL)."""
+    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (every family)."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    type(pipe).save_lora_weights(out_dir, unet_lora_layers=convert_state_dict_to_diffusers(lora_state(pipe.unet)),
-                                 unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    type(model.pipe).save_lora_weights(out_dir, **{f"{model.name}_lora_layers": convert_state_dict_to_diffusers(
+        lora_state(model.net)), f"{model.name}_lora_adapter_metadata": model.net.peft_config["default"].to_dict()})
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl"}  # offline demo models, built on first use
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint"}  # offline demos, built on first use
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+FAMILIES = {"SanaSprintPipeline": "generators.sana"}  # other one-step families: pipeline class -> their file
 MULTI_STEP = {"FluxPipeline": "FLUX.1 is a flow-matching model sampled in several steps (schnell: 4)",
-              "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)"}
+              "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)",
+              "SanaPipeline": "SANA samples in about 20 steps (SANA-Sprint, a SanaSprintPipeline, is its one-step model)"}
 TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
 
 
@@ -779,29 +784,26 @@ def model_error(model, path, e):
                    f"--model DIR. For an offline demo: --model tiny.")
 
 
-def model_configs(model):
-    """What from_pretrained takes for --model, its pipeline class name (as model_index.json names
-    it, never guessed from the model's name) and its UNet, VAE and scheduler configs, read without weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+def model_class(model):
+    """What from_pretrained takes for --model and its pipeline class name (as model_index.json names it,
+    never guessed from the model's name), read without weights; families DrPO cannot train are refused."""
+    from diffusers import DiffusionPipeline
     path = resolve_model(model)
     try:
         name = DiffusionPipeline.load_config(path)["_class_name"]
-        configs = name in PIPELINES and (UNet2DConditionModel.load_config(path, subfolder="unet"),  # other families
-                                         AutoencoderKL.load_config(path, subfolder="vae"),         # have no unet/
-                                         DDPMScheduler.load_config(path, subfolder="scheduler"))
     except (OSError, ValueError, KeyError) as e:
         raise model_error(model, path, e) from e
-    if not configs:
+    if name not in (*PIPELINES, *FAMILIES):
         why = f": {MULTI_STEP[name]}, and DrPO trains one-step generators" if name in MULTI_STEP else ""
-        raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join(PIPELINES)} (SD-Turbo, SDXL-Turbo, "
-                         f"and one-step SDXL UNets such as DMD2's or SDXL-Lightning's: docs/models.md)")
-    return path, name, *configs
+        raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join([*PIPELINES, *FAMILIES])} "
+                         f"(SD-Turbo, SDXL-Turbo, one-step SDXL UNets such as DMD2's, SANA-Sprint: docs/models.md)")
+    return path, name
 
 
 def load_pipeline(model, dtype=torch.float32):
-    """The pipeline class the folder names (SD or SDXL), every weight frozen: the LoRA is all that trains."""
+    """The pipeline class the folder names, every weight frozen: the LoRA is all that trains."""
     import diffusers
-    path, name, *_ = model_configs(model)
+    path, name = model_class(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
@@ -811,6 +813,26 @@ def load_pipeline(model, dtype=torch.float32):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
     return pipe
+
+
+def load_generator(model, dtype=torch.float32, device="cpu", timestep=None):
+    """--model as the loop sees a generator: SD / SDXL here (unet_generator), other families from their file."""
+    pipe = load_pipeline(model, dtype).to(device)
+    family = FAMILIES.get(type(pipe).__name__)
+    return beside(family).generator(pipe, timestep) if family else unet_generator(pipe, timestep)
+
+
+def unet_generator(pipe, timestep=None):
+    """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields.
+    net: the trainable network, pipe.<name>; conditioning(prompts, side): its keyword inputs, a row per prompt;
+    recipe: one_step's; teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] ->
+    latents before the VAE's scaling factor."""
+    import types
+    return types.SimpleNamespace(
+        pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(unet_conditioning, pipe),
+        recipe=one_step_recipe(pipe.scheduler, timestep), teacher=(100, 1.0, ("down_blocks.-1", "mid_block",
+                                                                               "up_blocks.0")),
+        encode=lambda images: pipe.vae.encode(images).latent_dist.mean)
 
 
 def precision_dtype(precision, device):
@@ -824,22 +846,23 @@ def is_sdxl(pipe):
     return type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
-def latent_shape(pipe, resolution=None):
-    """(C, H/8, W/8) of the generator's latents for square images. None = the native side: the
-    UNet config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
-    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if resolution is None and is_sdxl(pipe):
+def latent_shape(model, resolution=None):
+    """(C, h, w) of the generator's latents for square images. None = the native side: the network
+    config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
+    f = model.pipe.vae_scale_factor
+    side = resolution or model.net.config.sample_size * f
+    if resolution is None and is_sdxl(model.pipe):
         side = min(side, TURBO_SIDE)
-    return (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+    return (model.net.config.in_channels, side // f, side // f)
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts, noises, recipe):
+def sample_images(model, prompts, noises):
     """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
-    side = noises.shape[-1] * pipe.vae_scale_factor
-    cond = {k: v.repeat_interleave(len(noises), 0) for k, v in unet_conditioning(pipe, prompts, side).items()}
-    z = noises.repeat(len(prompts), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
-    return to_pil(decode(pipe.vae, one_step(pipe.unet, z, cond, recipe)))
+    cond = rows(model.conditioning(prompts, noises.shape[-1] * model.pipe.vae_scale_factor),
+                lambda v: v.repeat_interleave(len(noises), 0))
+    z = noises.repeat(len(prompts), 1, 1, 1).to(model.net.device, model.net.dtype)
+    return to_pil(decode(model.pipe.vae, one_step(model.net, z, cond, model.recipe)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1034,15 +1057,15 @@ def read_pairs(path):
 
 
 @torch.no_grad()
-def encode_images(pipe, paths, side, batch_size=8):
-    """Images -> VAE latents (latent_dist.mean x scaling_factor), framed as the samples are: resized to
-    cover side x side px, then center-cropped, by the pipeline's own image processor."""
+def encode_images(model, paths, side, batch_size=8):
+    """Images -> latents (model.encode x scaling_factor), framed as the samples are: resized to cover
+    side x side px, then center-cropped, by the pipeline's own image processor."""
     from PIL import Image
-    latents = []
+    pipe, latents = model.pipe, []
     for i in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
         x = pipe.image_processor.preprocess(images, side, side, resize_mode="crop").to(pipe.vae.device, pipe.vae.dtype)
-        latents.append(pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor)
+        latents.append(model.encode(x).float() * pipe.vae.config.scaling_factor)
     return torch.cat(latents)
 
 
@@ -1087,7 +1110,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def start_or_resume(args, unet, optimizer, rng, rank, world):
+def start_or_resume(args, net, optimizer, rng, rank, world):
     """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume
     loads LoRA, optimizer and generator state from the checkpoint and drops metrics logged after it."""
     out = Path(args.output_dir)
@@ -1096,7 +1119,7 @@ def start_or_resume(args, unet, optimizer, rng, rank, world):
     if args.resume and ckpt_path.exists():
         from peft.utils import set_peft_model_state_dict
         ckpt = load_checkpoint(ckpt_path)
-        set_peft_model_state_dict(unet, ckpt["lora"])
+        set_peft_model_state_dict(net, ckpt["lora"])
         optimizer.load_state_dict(ckpt["optimizer"])
         rng.set_state(ckpt["rng"])
         step, order = ckpt["step"], ckpt["order"]
@@ -1115,17 +1138,17 @@ def start_or_resume(args, unet, optimizer, rng, rank, world):
     return step, order
 
 
-def save_checkpoint(out, pipe, optimizer, rng, step, order):
+def save_checkpoint(out, model, optimizer, rng, step, order):
     """checkpoint.pt (everything --resume needs; the one before becomes checkpoint.prev.pt) and the
     diffusers-format LoRA. Both are written aside first: a failed or cut save leaves the last ones."""
     import errno
     import tempfile
-    state = {"lora": lora_state(pipe.unet), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+    state = {"lora": lora_state(model.net), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
              "step": step, "order": order}  # tensors, numbers and lists: loads with weights_only=True
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".saving") as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
-            save_lora(pipe, tmp)
+            save_lora(model, tmp)
             if (out / "checkpoint.pt").exists():
                 os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
             for name in ("checkpoint.pt", "pytorch_lora_weights.safetensors"):
@@ -1152,6 +1175,34 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
     shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
              {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
     bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", ref_dist=f"{metrics['dist_ref']:.4g}")
+
+
+def check_model(model, resolution=None, timestep=None, features=None, layers=None):
+    """The settings that depend on the architecture, checked on --model's configs only (a few kB, no weights)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    path, name = model_class(model)
+    if name in FAMILIES:
+        return beside(FAMILIES[name]).check_model(path, resolution, timestep, features, layers)
+    try:
+        unet, vae, scheduler = (c.load_config(path, subfolder=f) for c, f in (
+            (UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (DDPMScheduler, "scheduler")))
+    except (OSError, ValueError) as e:
+        raise model_error(model, path, e) from e
+    if timestep is not None and not 0 <= timestep < scheduler["num_train_timesteps"]:
+        raise ValueError(f"--timestep {timestep}: this model's scheduler has timesteps 0 .. "
+                         f"{scheduler['num_train_timesteps'] - 1}")
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+    if resolution is not None and (resolution < factor or resolution % factor):
+        raise ValueError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
+                         f"downsampling), e.g. {max(factor, round(resolution / factor) * factor)}")
+    n = len(unet["down_block_types"])
+    for layer in layers.split(",") if features == "teacher" and layers else ():
+        top, _, index = layer.partition(".")
+        index = index.split(".")[0]
+        if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
+                                       and -n <= int(index) < n)):
+            raise ValueError(f"--teacher-layers: {layer!r} is not a block of this UNet; use mid_block, "
+                             f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
 
 def check_args(args, world=1):
@@ -1203,23 +1254,7 @@ def check_args(args, world=1):
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
-    # The model's configs only (a few kB), for the checks that depend on the architecture.
-    _, _, unet_cfg, vae_cfg, scheduler_cfg = model_configs(args.model)
-    if args.timestep is not None and not 0 <= args.timestep < scheduler_cfg["num_train_timesteps"]:
-        raise ValueError(f"--timestep {args.timestep}: this model's scheduler has timesteps 0 .. "
-                         f"{scheduler_cfg['num_train_timesteps'] - 1}")
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["down_block_types"]) - 1)
-    if args.resolution is not None and (args.resolution < factor or args.resolution % factor):
-        raise ValueError(f"--resolution {args.resolution}: this model needs a multiple of {factor} (VAE and UNet "
-                         f"downsampling), e.g. {max(factor, round(args.resolution / factor) * factor)}")
-    n = len(unet_cfg["down_block_types"])
-    for layer in args.unet_layers.split(",") if args.features == "unet" else ():
-        top, _, index = layer.partition(".")
-        index = index.split(".")[0]
-        if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
-                                       and -n <= int(index) < n)):
-            raise ValueError(f"--unet-layers: {layer!r} is not a block of this UNet; use mid_block, "
-                             f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
+    check_model(args.model, args.resolution, args.timestep, args.features, args.teacher_layers)
     ckpt = out / "checkpoint.pt"
     if args.resume and (ckpt.exists() or (out / "checkpoint.prev.pt").exists()):
         load_checkpoint(ckpt)  # missing (a cut save), damaged or foreign: said now, before any model loads
@@ -1258,7 +1293,8 @@ def build_parser():
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a diffusers pipeline "
-                   "folder (SD or SDXL, e.g. DMD2: docs/models.md), or `tiny` / `tiny-sdxl` (offline demos)")
+                   "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
+                   "(offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
     g.add_argument("--timestep", type=int, help="the one step's timestep (default: the stock pipeline's; DMD2: 399)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -1268,7 +1304,8 @@ def build_parser():
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
-    g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of UNet module names")
+    g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of the network's "
+                   "module names (the attention projections of the UNet or of SANA's transformer)")
     g = p.add_argument_group("DrPO field")
     g.add_argument("--candidates", type=int, default=24, help="K: samples per prompt per step")
     g.add_argument("--n-pos", type=int, default=8, help="top-ranked candidates used as positives")
@@ -1293,10 +1330,12 @@ def build_parser():
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
-    g.add_argument("--features", choices=FEATURES, default="unet", help="feature map phi (docs/features.md); `mae` "
-                   "reproduces the paper (needs --mae-ckpt), `unet` needs no extra weights")
+    g.add_argument("--features", choices=FEATURES, default="teacher", help="feature map phi (docs/features.md): "
+                   "`teacher` = blocks of the frozen generator, no extra weights; `mae` reproduces the paper (needs "
+                   "--mae-ckpt; 4-channel latents only)")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
-    g.add_argument("--unet-layers", default="down_blocks.-1,mid_block,up_blocks.0", help="blocks for --features unet")
+    g.add_argument("--teacher-layers", help="blocks for --features teacher (default: SD/SDXL down_blocks.-1,mid_block,"
+                   "up_blocks.0; SANA-Sprint: transformer_blocks at 1/4, 1/2, 3/4 depth)")
     g.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 hub id or folder for --features dinov2")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")

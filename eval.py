@@ -69,18 +69,18 @@ def load_prompts(spec, limit=None):
     return prompts[:limit] if limit else prompts
 
 
-def check_lora(unet, folder):
-    """Refuse a LoRA that does not fit this UNet (diffusers would load mismatched shapes silently)."""
+def check_lora(model, folder):
+    """Refuse a LoRA that does not fit this generator's network (diffusers would load mismatched shapes silently)."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--lora {folder}: no pytorch_lora_weights.safetensors there; pass the --output-dir "
                                 f"of a drpo.py run (or any diffusers-format LoRA folder)")
-    modules = dict(unet.named_modules())
+    modules = dict(model.net.named_modules())
     found = 0
     for key, w in load_file(path).items():
-        m = re.fullmatch(r"unet\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
+        m = re.fullmatch(rf"{model.name}\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
         if not m:
             continue
         found += 1
@@ -93,7 +93,8 @@ def check_lora(unet, folder):
             raise ValueError(f"--lora {folder}: {key} has shape {tuple(w.shape)} but {m[1]} has "
                              f"{'in' if down else 'out'} features {fan}: a LoRA for another architecture?")
     if not found:
-        raise ValueError(f"--lora {folder} holds no UNet LoRA weights (keys `unet.*.lora.down/up.weight`)")
+        raise ValueError(f"--lora {folder} holds no LoRA weights for this model (keys `{model.name}.*.lora.down/up"
+                         f".weight`): a LoRA for another family? Evaluate it with the model it was trained on")
 
 
 def paired_stats(base, tuned, resamples=10_000, seed=0):
@@ -304,9 +305,7 @@ def evaluate(args):
     if args.judge_template and not args.judge:
         raise ValueError("--judge-template is the instruction of --judge; add --judge")
     template = read_template(args.judge_template)
-    steps = drpo.model_configs(args.model)[4]["num_train_timesteps"]  # configs only: checked before any load
-    if args.timestep is not None and not 0 <= args.timestep < steps:
-        raise ValueError(f"--timestep {args.timestep}: this model's scheduler has timesteps 0 .. {steps - 1}")
+    drpo.check_model(args.model, args.resolution, args.timestep)  # configs only: checked before any load
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval = drpo.beside("rewards.geneval")
@@ -330,17 +329,16 @@ def evaluate(args):
     if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass
         judge = drpo.beside("rewards.judge").load_judge(args.judge, args.reward_device or device, template=template,
                                                         batch_size=args.judge_batch)
-    pipe = drpo.load_pipeline(args.model, dtype).to(device)
-    labels = {}
+    model = drpo.load_generator(args.model, dtype, device, args.timestep)
+    pipe, labels = model.pipe, {}
     for folder in args.lora:
-        check_lora(pipe.unet, folder)
+        check_lora(model, folder)
         label = Path(folder).resolve().name
         taken = label in labels or label in ("base", "tie", "invalid")  # names the tables and judge.csv use
         labels[f"{label}-{len(labels) + 1}" if taken else label] = folder
     seeds = list(range(args.seeds))
-    noises = torch.cat([torch.randn((1, *drpo.latent_shape(pipe, args.resolution)),
+    noises = torch.cat([torch.randn((1, *drpo.latent_shape(model, args.resolution)),
                                     generator=torch.Generator().manual_seed(s)) for s in seeds])
-    recipe = drpo.one_step_recipe(pipe.scheduler, args.timestep)
 
     # scores[reward][label]: (prompts * seeds,) in prompt-major order; grid: first seed per row
     out = Path(args.out)
@@ -352,7 +350,7 @@ def evaluate(args):
             pipe.load_lora_weights(folder)
         per = {r: [] for r in rewards}
         for i, prompt in enumerate(prompts):
-            images = drpo.sample_images(pipe, [prompt], noises, recipe)
+            images = drpo.sample_images(model, [prompt], noises)
             if args.judge:  # kept on disk for the judge (and for looking at what it judged)
                 (out / "images" / label).mkdir(parents=True, exist_ok=True)
                 for s, im in zip(seeds, images):

@@ -327,10 +327,40 @@ def tiny_sdxl(tmp_path_factory):
     return tiny_from_the_command_line(tmp_path_factory.mktemp("tinyxl") / "model", "sdxl", "--model")
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(scope="session")
+def tiny_sana(tmp_path_factory):
+    return tiny_from_the_command_line(tmp_path_factory.mktemp("tinysana") / "model", "sana-sprint", "--model")
+
+
+FAMILIES = {"sd": "tiny", "sdxl": "tiny_sdxl", "sana": "tiny_sana"}
+
+
+@pytest.fixture(params=FAMILIES)
 def tiny_any(request):
-    """The tiny SD pipeline, then the tiny SDXL one: the same code paths must serve both."""
-    return request.getfixturevalue("tiny" if request.param == "sd" else "tiny_sdxl")
+    """The tiny SD, SDXL and SANA-Sprint pipelines in turn: the same loop must serve every family."""
+    return request.getfixturevalue(FAMILIES[request.param])
+
+
+def is_sana(folder):
+    return json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "SanaSprintPipeline"
+
+
+def stock_one_step(pipe, prompts, z, **kw):
+    """The stock pipeline's one step on the noises z (the keywords of a plain one-step call of its class)."""
+    side = z.shape[-1] * pipe.vae_scale_factor
+    one = (dict(num_inference_steps=1, intermediate_timesteps=None, use_resolution_binning=False, height=side,
+                width=side) if type(pipe).__name__ == "SanaSprintPipeline" else
+           dict(guidance_scale=0.0, **({} if "timesteps" in kw else dict(num_inference_steps=1))))
+    return pipe(prompts, latents=z, **one, **kw).images
+
+
+def lora_generator(folder, run_dir, timestep=None):
+    """drpo's generator for folder, with the LoRA of run_dir's checkpoint."""
+    from peft.utils import set_peft_model_state_dict
+    model = drpo.load_generator(folder, timestep=timestep)
+    drpo.add_lora(model.net, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    set_peft_model_state_dict(model.net, torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["lora"])
+    return model
 
 
 def test_tiny_sdxl_is_a_stock_sdxl_pipeline_with_the_turbo_scheduler(tiny_sdxl):
@@ -349,7 +379,7 @@ def test_pipeline_class_comes_from_the_folder_not_the_name(tiny, tiny_sdxl, tmp_
     index = json.loads((tmp_path / "sd-turbo" / "model_index.json").read_text())
     (tmp_path / "sd-turbo" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="is a KandinskyPipeline"):
-        drpo.model_configs(str(tmp_path / "sd-turbo"))
+        drpo.model_class(str(tmp_path / "sd-turbo"))
 
 
 @pytest.mark.parametrize("arch,native", [("sd", 1024), ("sdxl", 512)])
@@ -358,8 +388,8 @@ def test_default_resolution_is_the_native_side_and_512_for_sdxl(tiny, tiny_sdxl,
     shutil.copytree(tiny if arch == "sd" else tiny_sdxl, folder)
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 128}))  # SD(XL)'s 1024 px config
-    assert drpo.latent_shape(drpo.load_pipeline(str(folder))) == (4, native // 8, native // 8)
-    assert drpo.latent_shape(drpo.load_pipeline(str(folder)), 256) == (4, 32, 32)
+    assert drpo.latent_shape(drpo.load_generator(str(folder))) == (4, native // 8, native // 8)
+    assert drpo.latent_shape(drpo.load_generator(str(folder)), 256) == (4, 32, 32)
 
 
 def run(tiny, out, *extra, reward="brightness"):
@@ -368,9 +398,9 @@ def run(tiny, out, *extra, reward="brightness"):
 
 
 def pipeline(tiny, lora=None):
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import DiffusionPipeline
 
-    pipe = AutoPipelineForText2Image.from_pretrained(tiny)
+    pipe = DiffusionPipeline.from_pretrained(tiny)  # the stock class the folder names
     pipe.set_progress_bar_config(disable=True)
     if lora:
         pipe.load_lora_weights(lora)
@@ -398,24 +428,24 @@ ONE_STEP_MODELS = {"stock": None, "lcm-399": ("LCMScheduler", {}, 399),
                    "v-prediction": ("EulerDiscreteScheduler", {"prediction_type": "v_prediction"}, None)}
 
 
-@pytest.mark.parametrize("kind", ONE_STEP_MODELS)
-def test_one_step_sampler_matches_the_diffusers_pipeline(tiny_any, tmp_path, kind):
-    tiny, timestep = tiny_any, None
+@pytest.mark.parametrize("arch,kind", [(a, k) for a in ("sd", "sdxl") for k in ONE_STEP_MODELS] + [("sana", "stock")])
+def test_one_step_sampler_matches_the_diffusers_pipeline(request, tmp_path, arch, kind):
+    tiny = request.getfixturevalue(FAMILIES[arch])
+    timestep = None
     if ONE_STEP_MODELS[kind]:
         scheduler, config, timestep = ONE_STEP_MODELS[kind]
-        tiny = with_scheduler(tiny_any, tmp_path / kind, scheduler, **config)
+        tiny = with_scheduler(tiny, tmp_path / kind, scheduler, **config)
     pipe = pipeline(tiny)  # the stock pipeline, with the scheduler the folder names
     assert type(pipe.scheduler).__name__ == (ONE_STEP_MODELS[kind] or [type(pipe.scheduler).__name__])[0]
-    z = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
+    z = torch.randn((2, 32, 4, 4) if arch == "sana" else (2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     prompts = ["a red fox", "a blue boat on a lake"]
-    steps = dict(timesteps=[timestep]) if timestep else dict(num_inference_steps=1)
-    ref = pipe(prompts, latents=z, guidance_scale=0.0, output_type="latent", **steps).images
-    mine = drpo.load_pipeline(tiny)
-    recipe = drpo.one_step_recipe(mine.scheduler, timestep)
-    assert recipe[0] == (timestep or 999)
+    ref = stock_one_step(pipe, prompts, z, output_type="latent", **dict(timesteps=[timestep]) if timestep else {})
+    mine = drpo.load_generator(tiny, timestep=timestep)
+    if arch != "sana":  # SANA-Sprint's transformer sees the SCM time of TrigFlow's 1.5708 (generators/sana.py)
+        assert mine.recipe[0] == (timestep or 999)
     with torch.no_grad():
-        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, prompts, 128), recipe)
-        img = drpo.decode(mine.vae, x)
+        x = drpo.one_step(mine.net, z, mine.conditioning(prompts, 128), mine.recipe)
+        img = drpo.decode(mine.pipe.vae, x)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(img, pipe.image_processor.postprocess(pipe.vae.decode(
         ref / pipe.vae.config.scaling_factor).sample.detach(), output_type="pt"), rtol=0, atol=1e-5)
@@ -432,13 +462,9 @@ def test_a_dmd2_style_model_trains_and_its_lora_loads_into_the_stock_pipeline(ti
     stock = pipeline(model, tmp_path / "run")
     ref = stock("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
     base = pipeline(model)("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
-    mine = drpo.load_pipeline(model)
-    drpo.add_lora(mine.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
-    from peft.utils import set_peft_model_state_dict
-    set_peft_model_state_dict(mine.unet, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["lora"])
+    mine = lora_generator(model, tmp_path / "run", timestep=399)
     with torch.no_grad():
-        x = drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, ["a snowy owl"], 128),
-                          drpo.one_step_recipe(mine.scheduler, 399))
+        x = drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert (ref - base).abs().max() > 1e-3  # the LoRA changed the samples
 
@@ -453,7 +479,7 @@ def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tm
     assert drpo.main(["--model", str(flux), *argv]) == 2
     err = capsys.readouterr().err
     assert "is a FluxPipeline: FLUX.1 is a flow-matching model sampled in several steps" in err
-    assert "Supported: StableDiffusionPipeline, StableDiffusionXLPipeline" in err
+    assert "Supported: StableDiffusionPipeline, StableDiffusionXLPipeline, SanaSprintPipeline" in err
     # a scheduler whose one step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
     from diffusers import DDIMScheduler
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True)
@@ -462,27 +488,31 @@ def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tm
     assert drpo.one_step_recipe(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))[0] == 999
 
 
-def test_unet_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
-    pipe = drpo.load_pipeline(tiny_any)
-    params = drpo.add_lora(pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+def test_teacher_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
+    model = drpo.load_generator(tiny_any)
+    params = drpo.add_lora(model.net, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
     for p in params:  # a non-zero LoRA, so "LoRA off" is observable
         torch.nn.init.normal_(p, std=0.5)
-    phi = drpo.load_features("unet", pipe=pipe)
-    x = torch.randn(3, 4, 16, 16, requires_grad=True)
+    phi = drpo.load_features("teacher", model)
+    x = torch.randn(3, *drpo.latent_shape(model), requires_grad=True)
     noise = torch.randn_like(x)
-    cond = drpo.unet_conditioning(pipe, ["a cat", "a dog", "a cat"], 128)
+    cond = model.conditioning(["a cat", "a dog", "a cat"], 128)
     a, b = phi(x, noise, cond), phi(x, noise, cond)
-    assert set(a) == {"unet.down_blocks.-1", "unet.mid_block", "unet.up_blocks.0"}
-    assert all(v.shape == (3, 1, 64 * 16) for v in a.values())
+    # SD / SDXL: the published blocks, 64 channels; SANA: 3 of the 4 blocks' 32-wide tokens as a 4 x 4 grid
+    blocks = (["transformer_blocks.1", "transformer_blocks.2", "transformer_blocks.3"] if is_sana(tiny_any) else
+              ["down_blocks.-1", "mid_block", "up_blocks.0"])
+    assert list(a) == [f"teacher.{n}" for n in blocks]
+    assert all(v.shape == (3, 1, (32 if is_sana(tiny_any) else 64) * 16) for v in a.values())
     for k in a:
         torch.testing.assert_close(a[k], b[k])
-    assert (phi(x, torch.randn_like(x), cond)["unet.mid_block"] - a["unet.mid_block"]).abs().max() > 0
+    mid, last = f"teacher.{blocks[1]}", f"teacher.{blocks[2]}"
+    assert (phi(x, torch.randn_like(x), cond)[mid] - a[mid]).abs().max() > 0
     # the teacher is conditioned on each latent's own prompt (the published SDXL-Turbo trainer's rule)
-    other = drpo.unet_conditioning(pipe, ["a cat", "a cat", "a cat"], 128)
-    c = phi(x, noise, other)["unet.up_blocks.0"]
-    torch.testing.assert_close(c[[0, 2]], a["unet.up_blocks.0"][[0, 2]])
-    assert (c[1] - a["unet.up_blocks.0"][1]).abs().max() > 1e-4
-    with drpo.lora_off(pipe.unet):  # features come from the base UNet: the LoRA must not change them
+    other = model.conditioning(["a cat", "a cat", "a cat"], 128)
+    c = phi(x, noise, other)[last]
+    torch.testing.assert_close(c[[0, 2]], a[last][[0, 2]])
+    assert (c[1] - a[last][1]).abs().max() > 1e-4
+    with drpo.lora_off(model.net):  # features come from the base network: the LoRA must not change them
         base = phi(x, noise, cond)
     for k in a:
         torch.testing.assert_close(a[k], base[k])
@@ -496,8 +526,9 @@ def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, t
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                              patch_size=14, image_size=224)).save_pretrained(tmp_path / "dino")
-    pipe = drpo.load_pipeline(tiny)
-    phi = drpo.load_features("dinov2", pipe=pipe, dinov2=str(tmp_path / "dino"))
+    model = drpo.load_generator(tiny)
+    pipe = model.pipe
+    phi = drpo.load_features("dinov2", model, dinov2=str(tmp_path / "dino"))
     x = torch.randn(3, 4, 16, 16, requires_grad=True)
     f = phi(x)
     assert {k: tuple(v.shape) for k, v in f.items()} == {
@@ -514,7 +545,7 @@ def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, t
     torch.testing.assert_close(f["dinov2_cls"].detach(), h[:, :1], rtol=0, atol=1e-5)
     torch.testing.assert_close(f["dinov2_mean"].detach()[:, 0], h[:, 1:].mean(1), rtol=0, atol=1e-5)
     with pytest.raises(OSError, match="--dinov2 DIR"):
-        drpo.load_features("dinov2", pipe=pipe, dinov2=str(tmp_path / "nodino"))
+        drpo.load_features("dinov2", model, dinov2=str(tmp_path / "nodino"))
 
 
 def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_any, tmp_path):
@@ -535,20 +566,15 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_an
     assert all(set(r["phases_s"]) == phases and r["seconds"] == pytest.approx(sum(r["phases_s"].values()))
                for r in rows)
     # the LoRA loads with the stock diffusers call, changes the output, and reproduces our sampler
-    z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
-    kw = dict(latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt")
-    base = pipeline(tiny)("a snowy owl", **kw).images
-    tuned_pipe = pipeline(tiny, str(out))  # StableDiffusionXLPipeline.load_lora_weights for the SDXL folder
+    mine = lora_generator(tiny, out)
+    z = torch.randn((1, *drpo.latent_shape(mine)), generator=torch.Generator().manual_seed(5))
+    base = stock_one_step(pipeline(tiny), ["a snowy owl"], z, output_type="pt")
+    tuned_pipe = pipeline(tiny, str(out))  # e.g. SanaSprintPipeline.load_lora_weights for the SANA folder
     assert type(tuned_pipe).__name__ == json.loads((Path(tiny) / "model_index.json").read_text())["_class_name"]
-    tuned = tuned_pipe("a snowy owl", **kw).images
+    tuned = stock_one_step(tuned_pipe, ["a snowy owl"], z, output_type="pt")
     assert (tuned - base).abs().max() > 1e-3
-    mine = drpo.load_pipeline(tiny)
-    drpo.add_lora(mine.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
-    from peft.utils import set_peft_model_state_dict
-    set_peft_model_state_dict(mine.unet, torch.load(out / "checkpoint.pt", weights_only=False)["lora"])
     with torch.no_grad():
-        img = drpo.decode(mine.vae, drpo.one_step(mine.unet, z, drpo.unet_conditioning(mine, ["a snowy owl"], 128),
-                                                  drpo.one_step_recipe(mine.scheduler)))
+        img = drpo.decode(mine.pipe.vae, drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe))
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
 
@@ -628,7 +654,7 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     ranked = np.argsort(-bright, axis=1, kind="stable")
     pos_idx, neg_idx = ranked[:, :n_pos], ranked[:, K - n_neg:]
 
-    phi = drpo.load_features("unet", pipe=pipe)  # the teacher UNet with the LoRA off
+    phi = drpo.load_features("teacher", drpo.unet_generator(pipe))  # the teacher UNet with the LoRA off
     # each candidate's own prompt, as the stock pipeline encodes it
     cond = {"encoder_hidden_states": torch.cat([pipe.encode_prompt([p] * K, "cpu", 1, False)[0] for p in batch])}
     with torch.no_grad():
@@ -843,7 +869,7 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
     (["--resolution", "8"], "needs a multiple of 16"),
     (["--features", "mae"], "pass --mae-ckpt"),
     (["--features", "mae", "--mae-ckpt", "/nonexistent/mae.pth"], "modelscope download"),
-    (["--unet-layers", "down_blocks.2,mid_block"], "not a block of this UNet"),
+    (["--teacher-layers", "down_blocks.2,mid_block"], "not a block of this UNet"),
     (["--reward", "hpsv3", "--hpsv3-ckpt", "/nonexistent/HPSv3.safetensors"], "--hpsv3-ckpt"),
     (["--prompts", "/nonexistent/prompts.txt"], "no such file"),
     (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
@@ -1145,27 +1171,30 @@ def write_image(path, value=128, size=(40, 30)):
     Image.new("RGB", size, (value,) * 3).save(path)
 
 
-def test_pairs_images_are_resized_center_cropped_and_encoded_once(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["sd", "sana"])
+def test_pairs_images_are_resized_center_cropped_and_encoded_once(request, tmp_path, monkeypatch, arch):
+    """Each family encodes with its own VAE: SD's KL latent mean, SANA-Sprint's DC-AE latent."""
     import numpy as np
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderDC, AutoencoderKL
 
+    tiny = request.getfixturevalue(FAMILIES[arch])
     # a wide image, black at both ends and white in the middle: the center crop keeps only white
     arr = np.zeros((64, 192, 3), dtype=np.uint8)
     arr[:, 48:144] = 255
     from PIL import Image
     Image.fromarray(arr).save(tmp_path / "wide.png")
-    pipe = drpo.load_pipeline(tiny)
-    got = drpo.encode_images(pipe, [tmp_path / "wide.png"], 128)
-    vae = AutoencoderKL.from_pretrained(Path(tiny) / "vae")
+    got = drpo.encode_images(drpo.load_generator(tiny), [tmp_path / "wide.png"], 128)
+    vae = (AutoencoderDC if arch == "sana" else AutoencoderKL).from_pretrained(Path(tiny) / "vae")
     white = torch.ones(1, 3, 128, 128)
     with torch.no_grad():
-        want = vae.encode(white).latent_dist.mean * vae.config.scaling_factor
+        out = vae.encode(white)
+        want = (out.latent if arch == "sana" else out.latent_dist.mean) * vae.config.scaling_factor
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # each image is encoded once per run, not once per step
     calls = []
     encode = drpo.encode_images
-    monkeypatch.setattr(drpo, "encode_images", lambda pipe, paths, side: calls.append(list(paths)) or
-                        encode(pipe, paths, side))
+    monkeypatch.setattr(drpo, "encode_images", lambda model, paths, side: calls.append(list(paths)) or
+                        encode(model, paths, side))
     for i in range(2):
         write_image(tmp_path / f"c{i}.png", 220)
         write_image(tmp_path / f"r{i}.png", 30)
@@ -1663,10 +1692,8 @@ def test_eval_geneval_runs_end_to_end_on_a_tiny_detector_and_clip(trained, tiny_
         (sum(int(r["correct"]) for r in rows if r["model"] == "brightlora")
          - sum(int(r["correct"]) for r in rows if r["model"] == "base")) / 6)
     # the verdicts are those of decide on the detector's output for exactly these images
-    pipe = pipeline(tiny)
-    images = drpo.sample_images(pipe, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
-        [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]),
-        drpo.one_step_recipe(pipe.scheduler))
+    images = drpo.sample_images(drpo.load_generator(tiny), [GENEVAL_ROWS[0]["prompt"]], torch.cat(
+        [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]))
     detect = geneval.load_detector("cpu", tmp_path / "det", tiny_clip)
     verdicts = [geneval.decide(GENEVAL_ROWS[0], d) for d in detect(images, [GENEVAL_ROWS[0]] * 2)]
     assert [(r["correct"] == "1", r["reason"]) for r in rows if r["model"] == "base" and r["prompt_index"] == "0"] \

@@ -5,6 +5,7 @@ brightness of the plain diffusers pipeline (base, and with each LoRA) on fixed n
 prompts that were not used in training.
 
     python benchmarks/learning_check.py --out /tmp/learn           # on `--model tiny`
+    python benchmarks/learning_check.py --out /tmp/learn --model tiny-sana   # (or tiny-sdxl)
 """
 import argparse
 import json
@@ -22,17 +23,23 @@ HELD_OUT = ["a quiet harbor with fishing boats", "a plate of pancakes with berri
 
 
 def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
-    from diffusers import AutoPipelineForText2Image
+    import diffusers
 
-    pipe = AutoPipelineForText2Image.from_pretrained(model_dir)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)  # the class model_index.json names
     pipe.set_progress_bar_config(disable=True)
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    side = net.config.sample_size * pipe.vae_scale_factor
+    # a plain one-step call of the stock pipeline: SANA-Sprint at its defaults, SD/SDXL without guidance
+    one = (dict(intermediate_timesteps=None, use_resolution_binning=False, height=side, width=side)
+           if isinstance(pipe, diffusers.SanaSprintPipeline) else dict(guidance_scale=0.0))
     vals = []
     for s in seeds:
-        z = torch.randn((1, *drpo.latent_shape(pipe)), generator=torch.Generator().manual_seed(1000 + s))
+        z = torch.randn((1, net.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor),
+                        generator=torch.Generator().manual_seed(1000 + s))
         for p in HELD_OUT:
-            img = pipe(p, latents=z, num_inference_steps=1, guidance_scale=0.0, output_type="pt").images
+            img = pipe(p, latents=z, num_inference_steps=1, output_type="pt", **one).images
             vals.append(img.mean().item())
     return torch.tensor(vals).mean().item(), torch.tensor(vals).std().item()
 

@@ -59,9 +59,9 @@ from examples.tiny_model import make_tiny  # noqa: E402
 
 PRESETS = {
     "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny",
-                     structure_steps=10, structure_features=("unet", "mae")),
+                     structure_steps=10, structure_features=("teacher", "mae")),
     "sd-turbo": dict(resolution=512, candidates=(8, 16, 24, 32), chunk=8, steps=4, warmup=1, reward_arch="tiny",
-                     structure_steps=5, structure_features=("unet",)),
+                     structure_steps=5, structure_features=("teacher",)),
 }
 MAE_TINY = REPO / "fixtures" / "mae_tiny" / "mae_latent_tiny.pth"  # random weights in the published layout
 PHASES = ("sample", "reference", "decode", "reward", "features", "field", "backward", "optimizer")
@@ -208,7 +208,7 @@ def peak_mb(device):
     return float("nan")
 
 
-def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="unet"):
+def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="teacher"):
     """`steps` updates of the real training loop; returns the per-update phase times."""
     n = str(min(8, K // 3))  # the published 8 / 8 where K allows
     mae = ["--mae-ckpt", str(MAE_TINY)] if features == "mae" else []
@@ -233,24 +233,25 @@ def adam_step(params, optimizer):
 def reward_grad_update(model, K, chunk, steps, resolution, device):
     """`steps` reward-gradient updates: loss = -mean reward(decode(G_theta(z))), through reward and decoder."""
     dtype = drpo.precision_dtype("auto", device)
-    pipe = drpo.load_pipeline(model, dtype).to(device)
+    gen = drpo.load_generator(model, dtype, device)
+    pipe = gen.pipe
     torch.manual_seed(0)
     params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     net = reward_net()
-    recipe = drpo.one_step_recipe(pipe.scheduler)
-    shape = drpo.latent_shape(pipe, resolution)
+    recipe = gen.recipe
+    shape = drpo.latent_shape(gen, resolution)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     C = chunk or K
     rows = []
     for _ in range(steps):
         times, lap = drpo.stopwatch(device)
         z = torch.randn((K, *shape)).to(device, dtype)
-        cond = drpo.unet_conditioning(pipe, ["a photo of a cat"], shape[-1] * pipe.vae_scale_factor)
+        cond = gen.conditioning(["a photo of a cat"], shape[-1] * pipe.vae_scale_factor)
         for c0 in range(0, K, C):
             n = len(z[c0:c0 + C])
             with autocast:
-                x = drpo.one_step(pipe.unet, z[c0:c0 + C], {k: v.repeat_interleave(n, 0) for k, v in cond.items()},
+                x = drpo.one_step(pipe.unet, z[c0:c0 + C], drpo.rows(cond, lambda v: v.repeat_interleave(n, 0)),
                                   recipe)
                 lap("sample")
                 images = drpo.decode(pipe.vae, x)
@@ -265,29 +266,30 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
     return rows
 
 
-def authors_update(model, K, chunk, steps, resolution, device, reward="brightness", features="unet"):
+def authors_update(model, K, chunk, steps, resolution, device, reward="brightness", features="teacher"):
     """`steps` updates in the structure of the authors' SD-Turbo trainer, with this file's generator, feature
     map, reward and field: G_theta with gradient once (graph kept), the reference from a deep copy of the
     frozen UNet, the positives' and negatives' features recomputed from their latents, one backward."""
     import copy
 
     dtype = drpo.precision_dtype("auto", device)
-    pipe = drpo.load_pipeline(model, dtype).to(device)
+    gen = drpo.load_generator(model, dtype, device)
+    pipe = gen.pipe
     reference = copy.deepcopy(pipe.unet)  # the frozen base generator as a second UNet
     torch.manual_seed(42)
     params = drpo.add_lora(pipe.unet, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    phi = drpo.load_features(features, pipe=pipe, mae_ckpt=str(MAE_TINY), device=device)
+    phi = drpo.load_features(features, gen, mae_ckpt=str(MAE_TINY), device=device)
     score = drpo.load_reward(reward, device)
-    recipe = drpo.one_step_recipe(pipe.scheduler)
-    shape = drpo.latent_shape(pipe, resolution)
+    recipe = gen.recipe
+    shape = drpo.latent_shape(gen, resolution)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     n, rng, rows = min(8, K // 3), torch.Generator().manual_seed(42), []
     for _ in range(steps):
         times, lap = drpo.stopwatch(device)
         z, noise = (torch.randn((K, *shape), generator=rng).to(device, dtype) for _ in range(2))
-        cond = {k: v.repeat_interleave(K, 0) for k, v in
-                drpo.unet_conditioning(pipe, ["a photo of a cat"], shape[-1] * pipe.vae_scale_factor).items()}
+        cond = drpo.rows(gen.conditioning(["a photo of a cat"], shape[-1] * pipe.vae_scale_factor),
+                         lambda v: v.repeat_interleave(K, 0))
         with autocast:
             x = drpo.one_step(pipe.unet, z, cond, recipe)  # with gradient, kept for the one backward
         lap("sample")
@@ -303,7 +305,7 @@ def authors_update(model, K, chunk, steps, resolution, device, reward="brightnes
             fx = phi(x, noise, cond)
             with torch.no_grad():  # the references, and the ranked latents featurized again
                 fr = phi(r, noise, cond)
-                rows_of = lambda idx: {k: v[idx] for k, v in cond.items()}
+                rows_of = lambda idx: drpo.rows(cond, lambda v: v[idx])
                 fp = phi(x.detach()[pos_idx], noise[pos_idx], rows_of(pos_idx))
                 fn = phi(x.detach()[neg_idx], noise[neg_idx], rows_of(neg_idx))
         sets = lambda f: {k: v.reshape(1, -1, v.shape[-1]) for k, v in f.items()}
@@ -356,11 +358,11 @@ def worker(method, model, arch, candidates, chunk, steps, warmup, resolution, de
 
 def forward_ratio(model, arch, resolution, device, n=4):
     """Seconds of one reward-network forward per image over one UNet forward per sample."""
-    pipe = drpo.load_pipeline(model, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    gen = drpo.load_generator(model, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     net = reward_net(arch, device)
-    z = torch.randn((n, *drpo.latent_shape(pipe, resolution)), device=device, dtype=pipe.unet.dtype)
-    cond = {k: v.repeat_interleave(n, 0) for k, v in
-            drpo.unet_conditioning(pipe, ["a photo of a cat"], z.shape[-1] * pipe.vae_scale_factor).items()}
+    z = torch.randn((n, *drpo.latent_shape(gen, resolution)), device=device, dtype=gen.net.dtype)
+    cond = drpo.rows(gen.conditioning(["a photo of a cat"], z.shape[-1] * gen.pipe.vae_scale_factor),
+                     lambda v: v.repeat_interleave(n, 0))
     images = torch.rand((n, 3, resolution, resolution), device=device)
 
     def best(f):
@@ -375,7 +377,8 @@ def forward_ratio(model, arch, resolution, device, n=4):
         return min(times)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return best(lambda: net(images)) / best(lambda: pipe.unet(z, 999, **drpo.unet_kwargs(cond)))
+        return best(lambda: net(images)) / best(lambda: gen.net(z, timestep=torch.full((n,), 999.0, device=device),
+                                                                **cond))
 
 
 def run_worker(spec, against=None):

@@ -1,11 +1,11 @@
-"""A tiny SD- or SDXL-architecture pipeline with random weights, for offline demos and tests.
+"""Tiny SD-, SDXL- and SANA-Sprint-architecture pipelines with random weights, for offline demos and tests.
 
-    python examples/tiny_model.py DIR [--arch sdxl]     # write one to DIR
-    python drpo.py --model tiny ...                     # or let drpo.py build it once in the cache
+    python examples/tiny_model.py DIR [--arch sdxl|sana-sprint]   # write one to DIR
+    python drpo.py --model tiny ...                     # or let drpo.py build it once in the cache (tiny-sdxl, tiny-sana)
     python examples/tiny_model.py DIR --arch judge      # a tiny random Qwen3-VL judge for eval.py --judge DIR
 
-It is saved with `save_pretrained` and loaded back by drpo.py through the same code as SD-Turbo
-and SDXL-Turbo; on 2 CPU cores it trains a DrPO step in well under a second. Not part of the
+Each is saved with `save_pretrained` and loaded back by drpo.py through the same code as SD-Turbo,
+SDXL-Turbo and SANA-Sprint; on 2 CPU cores it trains a DrPO step in about a second. Not part of the
 method: nothing here is needed to train a real model.
 """
 import argparse
@@ -36,9 +36,21 @@ def cached(arch="sd"):
     return path
 
 
+def brightest_spread(vaes, latents):
+    """Of several random decoders, the one whose images vary most in brightness over the latents. A random
+    decoder's brightness hardly depends on its latent, so toy rewards would have almost nothing to rank (a
+    trained VAE's images differ a lot across seeds)."""
+    with torch.no_grad():
+        brightness = [(v.decode(latents / v.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).mean((1, 2, 3))
+                      for v in vaes]  # images in [0, 1], as drpo.decode gives them
+    return vaes[max(range(len(vaes)), key=lambda i: brightness[i].std().item())]
+
+
 def make_tiny(out_dir, seed=0, arch="sd"):
     """A small SD- or SDXL-architecture pipeline with random weights, saved with save_pretrained so
     that drpo.py loads it through the same code as SD-Turbo / SDXL-Turbo."""
+    if arch == "sana-sprint":
+        return make_tiny_sana(out_dir, seed)
     from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                            StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -74,19 +86,13 @@ def make_tiny(out_dir, seed=0, arch="sd"):
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 4),
             use_linear_projection=True)
     else:
-        raise ValueError(f"--arch {arch}: choose sd or sdxl")
-    # A random decoder's brightness hardly depends on its latent, so toy rewards would have almost
-    # nothing to rank (a trained VAE's images differ a lot across seeds). Of 8 random draws, keep
-    # the decoder whose images vary most in brightness over noises of the one-step sampler's scale.
+        raise ValueError(f"--arch {arch}: choose sd, sdxl or sana-sprint")
+    # Of 8 random decoders, the one that varies most over noises of the one-step sampler's scale.
     z = torch.randn(16, 4, unet.config.sample_size, unet.config.sample_size)
-    vaes = [AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
+    vae = brightest_spread([AutoencoderKL(  # four levels, so latents are 1/8 of the image side as in SD
         block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
-        for _ in range(8)]
-    with torch.no_grad():
-        brightness = [(v.decode(15 * z / v.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).mean((1, 2, 3))
-                      for v in vaes]  # images in [0, 1], as drpo.decode gives them
-    vae = vaes[max(range(len(vaes)), key=lambda i: brightness[i].std().item())]
+        for _ in range(8)], 15 * z)
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
                  steps_offset=1)  # as sd-turbo's and sdxl-turbo's, whose folders name these two schedulers
     if arch == "sdxl":
@@ -97,6 +103,37 @@ def make_tiny(out_dir, seed=0, arch="sd"):
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_sana(out_dir, seed=0):
+    """A small SanaSprintPipeline with random weights: SANA-Sprint's layout (Gemma-2 text encoder, a DC-AE with
+    32 latent channels and 32x downsampling, a guidance-embedding SANA transformer with patch size 1, the SCM
+    scheduler) at toy width, 128 px images. Its tokenizer is byte-level: every byte a token, no merges."""
+    from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, **{f"<0x{b:02X}>": 5 + b for b in range(256)}}
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2))
+    transformer = SanaTransformer2DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=4, patch_size=1, guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads")
+    levels = 6  # 2^5 = 32x downsampling, as DC-AE f32c32
+    dc = dict(block_out_channels=(8, 8, 16, 16, 32, 32), layers_per_block=(1,) * levels,
+              qkv_multiscales=((),) * 3 + ((5,),) * 3, block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3)
+    z = torch.randn(16, 32, 4, 4)
+    vae = brightest_spread([AutoencoderDC(
+        latent_channels=32, attention_head_dim=4, upsample_block_type="interpolate", downsample_block_type="conv",
+        scaling_factor=0.41407, **{f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in dc.items()})
+        for _ in range(8)], z)
+    pipe = SanaSprintPipeline(tokenizer=GemmaTokenizer(vocab=vocab, merges=[]), text_encoder=text_encoder, vae=vae,
+                              transformer=transformer, scheduler=SCMScheduler(prediction_type="trigflow", sigma_data=0.5))
     pipe.save_pretrained(out_dir)
     return out_dir
 
@@ -137,10 +174,10 @@ def make_tiny_judge(out_dir, seed=0):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write a tiny random SD or SDXL pipeline (diffusers folder), or a tiny "
-                                 "random Qwen3-VL judge, to DIR.")
+    ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL or SANA-Sprint pipeline (diffusers "
+                                 "folder), or a tiny random Qwen3-VL judge, to DIR.")
     ap.add_argument("dir", help="output folder")
-    ap.add_argument("--arch", choices=("sd", "sdxl", "judge"), default="sd", help="architecture")
+    ap.add_argument("--arch", choices=("sd", "sdxl", "sana-sprint", "judge"), default="sd", help="architecture")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
     if a.arch == "judge":
