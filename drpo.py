@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -750,13 +751,14 @@ def save_lora(model, out_dir):
         lora_state(model.net)), f"{model.name}_lora_adapter_metadata": model.net.peft_config["default"].to_dict()})
 
 
-MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo"}
+MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo",
+                 "sana-sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"}
 TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint"}  # offline demos, built on first use
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FAMILIES = {"SanaSprintPipeline": "generators.sana"}  # other one-step families: pipeline class -> their file
 MULTI_STEP = {"FluxPipeline": "FLUX.1 is a flow-matching model sampled in several steps (schnell: 4)",
               "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)",
-              "SanaPipeline": "SANA samples in about 20 steps (SANA-Sprint, a SanaSprintPipeline, is its one-step model)"}
+              "SanaPipeline": "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)"}
 TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
 
 
@@ -827,12 +829,10 @@ def unet_generator(pipe, timestep=None):
     net: the trainable network, pipe.<name>; conditioning(prompts, side): its keyword inputs, a row per prompt;
     recipe: one_step's; teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] ->
     latents before the VAE's scaling factor."""
-    import types
-    return types.SimpleNamespace(
-        pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(unet_conditioning, pipe),
-        recipe=one_step_recipe(pipe.scheduler, timestep), teacher=(100, 1.0, ("down_blocks.-1", "mid_block",
-                                                                               "up_blocks.0")),
-        encode=lambda images: pipe.vae.encode(images).latent_dist.mean)
+    return types.SimpleNamespace(pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(
+                                 unet_conditioning, pipe), recipe=one_step_recipe(pipe.scheduler, timestep),
+                                 teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0")),
+                                 encode=lambda images: pipe.vae.encode(images).latent_dist.mean)
 
 
 def precision_dtype(precision, device):
@@ -1196,11 +1196,9 @@ def check_model(model, resolution=None, timestep=None, features=None, layers=Non
         raise ValueError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
                          f"downsampling), e.g. {max(factor, round(resolution / factor) * factor)}")
     n = len(unet["down_block_types"])
+    blocks = ["mid_block", *(f"{b}.{i}" for b in ("down_blocks", "up_blocks") for i in range(-n, n))]
     for layer in layers.split(",") if features == "teacher" and layers else ():
-        top, _, index = layer.partition(".")
-        index = index.split(".")[0]
-        if not (top == "mid_block" or (top in ("down_blocks", "up_blocks") and index.lstrip("-").isdigit()
-                                       and -n <= int(index) < n)):
+        if not any(layer == b or layer.startswith(b + ".") for b in blocks):
             raise ValueError(f"--teacher-layers: {layer!r} is not a block of this UNet; use mid_block, "
                              f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
@@ -1300,7 +1298,7 @@ def build_parser():
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for UNet activation memory")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")

@@ -520,6 +520,33 @@ def test_teacher_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_la
     assert x.grad.abs().sum() > 0 and all(p.grad is None for p in params)
 
 
+def test_sana_teacher_features_are_the_stock_transformer_blocks_at_trigflow_time_atan_one_tenth(tiny_sana):
+    """Independent of teacher_features: the TrigFlow sample x_t = cos t x0 + sin t noise at tan t = 0.1, scaled
+    and timed as the stock pipeline feeds its transformer (SCM: s = sin t / (sin t + cos t)), the outputs of
+    blocks 1..3 hooked on the stock transformer, each token grid average-pooled to 4 x 4."""
+    from diffusers import SanaSprintPipeline
+
+    model = drpo.load_generator(tiny_sana)
+    for p in drpo.add_lora(model.net, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"]):
+        torch.nn.init.normal_(p, std=0.5)  # a LoRA that would show, were it not switched off
+    x, noise = torch.randn(2, 32, 4, 4), torch.randn(2, 32, 4, 4)
+    cond = model.conditioning(["a cat", "a dog"])  # equal to the stock pipeline's (the one-step test)
+    got = drpo.load_features("teacher", model)(x, noise, cond)
+    transformer = SanaSprintPipeline.from_pretrained(tiny_sana).transformer
+    t = math.atan(0.1)
+    s = math.sin(t) / (math.sin(t) + math.cos(t))
+    outs = []
+    for i in (1, 2, 3):
+        transformer.transformer_blocks[i].register_forward_hook(lambda m, inputs, o: outs.append(o))
+    with torch.no_grad():
+        transformer((math.cos(t) * x + math.sin(t) * noise) * math.sqrt(s * s + (1 - s) ** 2),
+                    timestep=torch.full((2,), s), **cond)
+    assert list(got) == [f"teacher.transformer_blocks.{i}" for i in (1, 2, 3)]
+    for v, o in zip(got.values(), outs):
+        want = torch.nn.functional.adaptive_avg_pool2d(o.permute(0, 2, 1).reshape(2, -1, 4, 4), 4).flatten(1)
+        torch.testing.assert_close(v[:, 0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, tmp_path):
     from transformers import Dinov2Config, Dinov2Model
 
@@ -574,7 +601,8 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_an
     tuned = stock_one_step(tuned_pipe, ["a snowy owl"], z, output_type="pt")
     assert (tuned - base).abs().max() > 1e-3
     with torch.no_grad():
-        img = drpo.decode(mine.pipe.vae, drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe))
+        x = drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
+        img = drpo.decode(mine.pipe.vae, x)
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
 
@@ -698,7 +726,9 @@ def interrupting_reward(images, prompts):
     return drpo.brightness_reward(images, prompts)
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["sd", "sana"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(request, tmp_path, monkeypatch, arch):
+    tiny = request.getfixturevalue(FAMILIES[arch])
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     common = ("--max-steps", "5", "--save-every", "2", "--sample-every", "0")
     assert run(tiny, tmp_path / "full", *common) == 0
@@ -777,8 +807,10 @@ def torchrun(*argv, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(tiny, tmp_path):
-    common = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--n-pos", "3", "--n-neg", "3",
+@pytest.mark.parametrize("arch", ["sd", "sana"])
+def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(request, tmp_path, arch):
+    common = ["--model", request.getfixturevalue(FAMILIES[arch]), "--reward", "brightness", "--candidates", "8",
+              "--n-pos", "3", "--n-neg", "3",
               "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "2"]
     # one process, accumulation 2 = 2 processes x 1; torchrun gives each worker one thread, so this
     # run gets one too (another thread count changes float round-off, which Adam amplifies)
@@ -880,8 +912,15 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
     (["--model", "/nonexistent/model"], "no such folder"),
     (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
     (["--timestep", "-1"], "timesteps 0 .. 999"),
+    # on the tiny SANA-Sprint (DC-AE /32, patch 1, 4 transformer blocks, 32 latent channels)
+    (["--model", "SANA", "--timestep", "399"], "SANA-Sprint's one step starts at the pure-noise end"),
+    (["--model", "SANA", "--features", "mae", "--mae-ckpt", str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")],
+     "latents have 32 channels"),
+    (["--model", "SANA", "--resolution", "100"], "needs a multiple of 32"),
+    (["--model", "SANA", "--teacher-layers", "transformer_blocks.4"], "not a block of this transformer"),
+    (["--model", "SANA", "--teacher-layers", "mid_block"], "use transformer_blocks.I with I in -4..3"),
 ])
-def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, args, message):
+def test_bad_settings_fail_before_any_model_loads(tiny, tiny_sana, tmp_path, capsys, monkeypatch, args, message):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the settings were checked")
 
@@ -890,7 +929,7 @@ def test_bad_settings_fail_before_any_model_loads(tiny, tmp_path, capsys, monkey
     monkeypatch.setattr(tiny_model, "make_tiny", no_loading)
     argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
             "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
-    assert drpo.main(argv + args) == 2
+    assert drpo.main(argv + [tiny_sana if a == "SANA" else a for a in args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written
 
@@ -956,8 +995,10 @@ def same_lora(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch,
-                                                                                      capsys):
+@pytest.mark.parametrize("arch", ["sd", "sana"])
+def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(request, tmp_path, monkeypatch,
+                                                                                      capsys, arch):
+    tiny = request.getfixturevalue(FAMILIES[arch])
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     common = ("--max-steps", "5", "--save-every", "4", "--sample-every", "0")
     reward = "test_drpo:sigterm_reward"
@@ -1692,8 +1733,9 @@ def test_eval_geneval_runs_end_to_end_on_a_tiny_detector_and_clip(trained, tiny_
         (sum(int(r["correct"]) for r in rows if r["model"] == "brightlora")
          - sum(int(r["correct"]) for r in rows if r["model"] == "base")) / 6)
     # the verdicts are those of decide on the detector's output for exactly these images
-    images = drpo.sample_images(drpo.load_generator(tiny), [GENEVAL_ROWS[0]["prompt"]], torch.cat(
-        [torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]))
+    model = drpo.load_generator(tiny)
+    images = drpo.sample_images(model, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
+        [torch.randn((1, *drpo.latent_shape(model)), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]))
     detect = geneval.load_detector("cpu", tmp_path / "det", tiny_clip)
     verdicts = [geneval.decide(GENEVAL_ROWS[0], d) for d in detect(images, [GENEVAL_ROWS[0]] * 2)]
     assert [(r["correct"] == "1", r["reason"]) for r in rows if r["model"] == "base" and r["prompt_index"] == "0"] \
@@ -1715,10 +1757,10 @@ def test_geneval_reward_trains_the_tiny_model(tiny, tiny_clip, tmp_path, capsys)
 
 # ---------------------------------------------------------------- eval.py -----------------
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def trained(request, tmp_path_factory):
-    """(tiny model, a LoRA trained on it for 3 steps), for SD and SDXL."""
-    tiny = request.getfixturevalue("tiny" if request.param == "sd" else "tiny_sdxl")
+    """(tiny model, a LoRA trained on it for 3 steps), for SD, SDXL and SANA-Sprint."""
+    tiny = request.getfixturevalue(FAMILIES[request.param])
     out = tmp_path_factory.mktemp("evalrun") / "brightlora"
     assert run(tiny, out, "--max-steps", "3", "--lr", "3e-2", "--sample-every", "0") == 0
     return tiny, out
@@ -1740,14 +1782,12 @@ def test_eval_matches_the_diffusers_pipeline_and_an_independent_comparison(train
     assert len(rows) == 2 * 3 * 3 and (tmp_path / "ev" / "grid.png").is_file()
     assert "| brightlora |" in (tmp_path / "ev" / "table.md").read_text()
     # independent: the plain diffusers pipeline on the documented noises, brightness by numpy
-    bright = {}
+    bright, shape = {}, (1, 32, 4, 4) if is_sana(tiny) else (1, 4, 16, 16)
     for label, lora in (("base", None), ("brightlora", trained)):
         pipe = pipeline(tiny, lora)
-        bright[label] = np.array([np.asarray(pipe(p, latents=torch.randn((1, 4, 16, 16), generator=torch.Generator()
-                                                                             .manual_seed(s)),
-                                                  num_inference_steps=1, guidance_scale=0.0).images[0],
-                                             dtype=np.float64).mean() / 255
-                                  for p in prompts for s in range(3)])
+        bright[label] = np.array([np.asarray(stock_one_step(pipe, p, torch.randn(
+            shape, generator=torch.Generator().manual_seed(s)))[0], dtype=np.float64).mean() / 255
+            for p in prompts for s in range(3)])
     for label in bright:
         ours = np.array([float(r["brightness"]) for r in rows if r["model"] == label])
         np.testing.assert_allclose(ours, bright[label], atol=2e-3, rtol=0)
@@ -1794,6 +1834,8 @@ def test_eval_refuses_bad_input(trained, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n")
     lora = load_file(trained / "pytorch_lora_weights.safetensors")
     for name, change in (("wrongkeys", lambda k, v: (k.replace("attn1", "attn7"), v)),
+                         ("otherfamily", lambda k, v: (k.replace("unet.", "transformer.", 1) if k.startswith("unet.")
+                                                       else k.replace("transformer.", "unet.", 1), v)),
                          ("wrongshape", lambda k, v: (k, torch.zeros(v.shape[0], 2 * v.shape[1])
                                                       if "lora.down" in k else v))):
         (tmp_path / name).mkdir()
@@ -1805,6 +1847,8 @@ def test_eval_refuses_bad_input(trained, tmp_path, capsys):
                             "another architecture"),
                            (["--lora", str(tmp_path / "wrongshape"), "--prompts", str(tmp_path / "p.txt")],
                             "another architecture"),
+                           (["--lora", str(tmp_path / "otherfamily"), "--prompts", str(tmp_path / "p.txt")],
+                            "a LoRA for another family"),
                            (["--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
                            (["--prompts", str(tmp_path / "p.txt"), "--max-prompts", "0"], "--max-prompts must be"),
                            (["--prompts", str(tmp_path / "p.txt"), "--reward", "brightness,nosuch"], "unknown reward"),

@@ -67,7 +67,8 @@ def generator(pipe, timestep=None):
     t = math.atan(0.1)
     s, k = scm_scaling(t)
     return types.SimpleNamespace(
-        pipe=pipe, net=pipe.transformer, name="transformer", recipe=one_step_recipe(stock_defaults(pipe)["max_timesteps"]),
+        pipe=pipe, net=pipe.transformer, name="transformer",
+        recipe=one_step_recipe(stock_defaults(pipe)["max_timesteps"]),
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, side),
         teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers)),
         encode=lambda images: pipe.vae.encode(images).latent)
