@@ -257,8 +257,8 @@ def plot_curves(runs, path):
 def build_parser():
     p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
                                 formatter_class=drpo.HelpFormatter)
-    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, a hub id, a local diffusers pipeline folder, or "
-                   "`tiny` (the offline demo model)")
+    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, `sana-sprint`, a hub id, a local "
+                   "diffusers pipeline folder, or `tiny` / `tiny-sdxl` / `tiny-sana` (offline demos)")
     p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir (or diffusers-format LoRA "
                    "folder); repeat to compare several; labelled by folder name")
     p.add_argument("--reward", help=f"comma list of metrics, each a drpo.py reward name or `module:function` "

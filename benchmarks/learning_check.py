@@ -50,6 +50,7 @@ def main():
                     help="tiny model: the `tiny` alias or a folder from examples/tiny_model.py")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", default="1e-3")
     args = ap.parse_args()
     model = drpo.resolve_model(args.model)
     base, spread = heldout_brightness(model)
@@ -57,7 +58,7 @@ def main():
     for reward in ("brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
-        drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", "1e-3",
+        drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", args.lr,
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite"])
         result[reward] = {"heldout": heldout_brightness(model, out)[0], "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base

@@ -36,14 +36,17 @@ def cached(arch="sd"):
     return path
 
 
-def brightest_spread(vaes, latents):
+def brightest_spread(vaes, latents, max_clipped=0.05):
     """Of several random decoders, the one whose images vary most in brightness over the latents. A random
     decoder's brightness hardly depends on its latent, so toy rewards would have almost nothing to rank (a
-    trained VAE's images differ a lot across seeds)."""
+    trained VAE's images differ a lot across seeds). Only decoders that clip at most max_clipped of the pixels
+    to black or white count: past the clip, mean brightness rises with any spread of the images, learned or not,
+    and a random-reward control would seem to learn."""
     with torch.no_grad():
-        brightness = [(v.decode(latents / v.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1).mean((1, 2, 3))
-                      for v in vaes]  # images in [0, 1], as drpo.decode gives them
-    return vaes[max(range(len(vaes)), key=lambda i: brightness[i].std().item())]
+        images = [v.decode(latents / v.config.scaling_factor).sample / 2 + 0.5 for v in vaes]  # as drpo.decode
+    spread = [im.clamp(0, 1).mean((1, 2, 3)).std().item() for im in images]
+    ok = [i for i, im in enumerate(images) if ((im < 0) | (im > 1)).float().mean() <= max_clipped] or range(len(vaes))
+    return vaes[max(ok, key=lambda i: spread[i])]
 
 
 def make_tiny(out_dir, seed=0, arch="sd"):

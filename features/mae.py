@@ -24,7 +24,7 @@ DOWNLOAD = ("`pip install modelscope` then `modelscope download --model jiangzho
 def check_ckpt(ckpt_path):
     if not ckpt_path or not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"latent-MAE checkpoint {ckpt_path!r} not found. Get it with {DOWNLOAD}, and pass "
-                                f"--mae-ckpt DIR/mae_latent_256_torch.pth (or use --features unet)")
+                                f"--mae-ckpt DIR/mae_latent_256_torch.pth (or use --features teacher)")
 
 
 def mae_encoder(ckpt_path, device="cpu"):
