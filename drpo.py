@@ -1294,7 +1294,7 @@ def build_parser():
                    "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
                    "(offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
-    g.add_argument("--timestep", type=int, help="the one step's timestep (default: the stock pipeline's; DMD2: 399)")
+    g.add_argument("--timestep", type=int, help="a UNet model's one-step timestep (default: the stock pipeline's; DMD2: 399)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")

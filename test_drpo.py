@@ -480,6 +480,10 @@ def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tm
     err = capsys.readouterr().err
     assert "is a FluxPipeline: FLUX.1 is a flow-matching model sampled in several steps" in err
     assert "Supported: StableDiffusionPipeline, StableDiffusionXLPipeline, SanaSprintPipeline" in err
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))  # SANA, not Sprint
+    assert drpo.main(["--model", str(flux), *argv]) == 2
+    assert "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)" in \
+        capsys.readouterr().err
     # a scheduler whose one step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
     from diffusers import DDIMScheduler
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True)

@@ -211,6 +211,7 @@ def peak_mb(device):
 def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="teacher"):
     """`steps` updates of the real training loop; returns the per-update phase times."""
     n = str(min(8, K // 3))  # the published 8 / 8 where K allows
+    features = "unet" if features == "teacher" and "unet" in drpo.FEATURES else features  # --against an old checkout
     mae = ["--mae-ckpt", str(MAE_TINY)] if features == "mae" else []
     with tempfile.TemporaryDirectory() as out:
         rc = drpo.main(["--model", model, "--reward", reward, "--candidates", str(K), "--features", features, *mae,
