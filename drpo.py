@@ -1,7 +1,7 @@
 """DrPO: Drifting Preference Optimization for one-step text-to-image generators.
 
-A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (and other one-step
-generators: DMD2, SDXL-Lightning, SANA-Sprint in generators/sana.py; docs/models.md).
+A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one-step
+generators too: DMD2, SDXL-Lightning, SANA-Sprint; docs/models.md).
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
@@ -272,8 +272,7 @@ def unet_conditioning(pipe, prompts, side):
 
 
 def rows(cond, f):
-    """f applied to every tensor of a conditioning (nested dicts too: SDXL's added_cond_kwargs), e.g. to
-    repeat or slice its rows."""
+    """f (repeat or slice rows) applied to every tensor of a conditioning, nested too (SDXL's added_cond_kwargs)."""
     return {k: rows(v, f) if isinstance(v, dict) else f(v) for k, v in cond.items()}
 
 
@@ -578,10 +577,10 @@ FEATURES = ("teacher", "mae", "latent", "dinov2")
 
 
 def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="facebook/dinov2-base", device="cpu"):
-    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES); model: the
-    generator (load_generator). noise and cond (the latents' prompt conditioning) are used by the teacher
-    features only; layers: their blocks (None: the model's default). The networks of `mae` and `dinov2` are ports in
-    features/; their maps become mean/std tokens here."""
+    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES) for the generator
+    model (load_generator). noise, cond (the latents' prompt conditioning) and layers (None: the model's default
+    blocks) are the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become
+    mean/std tokens here."""
     if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
         t, c_in, default = model.teacher
         return teacher_features(model.net, layers or default, t, c_in)
@@ -1294,7 +1293,8 @@ def build_parser():
                    "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
                    "(offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
-    g.add_argument("--timestep", type=int, help="a UNet model's one-step timestep (default: the stock pipeline's; DMD2: 399)")
+    g.add_argument("--timestep", type=int, help="a UNet model's one-step timestep (default: the stock pipeline's; "
+                   "DMD2: 399)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")

@@ -41,11 +41,10 @@ def one_step_recipe(max_timesteps):
 
 
 @torch.no_grad()
-def conditioning(pipe, prompts, side=None):
-    """The transformer's keyword inputs as the stock pipeline computes them at its defaults: Gemma embeddings
-    of the instruction + prompt (the last max_sequence_length tokens, and the first), their mask, and the
-    embedded guidance (guidance_scale x the transformer's guidance_embeds_scale). side: unused (no size input)."""
-    d = stock_defaults(pipe)
+def conditioning(pipe, prompts, d):
+    """The transformer's keyword inputs as the stock pipeline computes them at its defaults d (stock_defaults):
+    Gemma embeddings of the instruction + prompt (the last max_sequence_length tokens, and the first), their
+    mask, and the embedded guidance (guidance_scale x the transformer's guidance_embeds_scale)."""
     emb, mask = pipe.encode_prompt(list(prompts), device=pipe.transformer.device,
                                    max_sequence_length=d["max_sequence_length"],
                                    complex_human_instruction=d["complex_human_instruction"])
@@ -64,12 +63,11 @@ def generator(pipe, timestep=None):
     at TrigFlow time atan(0.1), where latent + 0.1 * noise is x_t / cos t: the UNets' latent + 0.1 * noise."""
     if timestep is not None:
         raise ValueError(TIMESTEP)
-    t = math.atan(0.1)
+    t, d = math.atan(0.1), stock_defaults(pipe)
     s, k = scm_scaling(t)
     return types.SimpleNamespace(
-        pipe=pipe, net=pipe.transformer, name="transformer",
-        recipe=one_step_recipe(stock_defaults(pipe)["max_timesteps"]),
-        conditioning=lambda prompts, side=None: conditioning(pipe, prompts, side),
+        pipe=pipe, net=pipe.transformer, name="transformer", recipe=one_step_recipe(d["max_timesteps"]),
+        conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: SANA takes no size input
         teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers)),
         encode=lambda images: pipe.vae.encode(images).latent)
 
