@@ -27,12 +27,14 @@ Sections, in reading order:
 
 import argparse
 import contextlib
+import errno
 import functools
 import importlib
 import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -225,6 +227,17 @@ def drpo_objective(gen_feats, pos_feats, neg_feats, ref_feats, **field_kwargs):
     return regression_loss(gen_feats, targets), stats
 
 
+def spread(feats, n):
+    """Diversity: for each group of n samples (consecutive rows: a prompt's K candidates, or its held-out seeds), the
+    mean feature distance between two different samples, token by matching token, averaged over the feature keys.
+    It falls toward 0 when a prompt's samples collapse onto one look. feats: {key: (groups * n, T, D)} -> (groups,)."""
+    total = 0.0
+    for f in feats.values():
+        f = f.detach().float().unflatten(0, (-1, n)).transpose(1, 2)  # (groups, T, n, D)
+        total = total + torch.cdist(f, f).mean(1).sum((1, 2)) / (n * (n - 1) * len(feats))
+    return total
+
+
 def select_pos_neg(scores, n_pos, n_neg):
     """Indices of the n_pos highest and n_neg lowest scores of each row, disjoint.
 
@@ -319,12 +332,15 @@ def to_pil(images):
 @contextlib.contextmanager
 def lora_off(net):
     """The frozen base generator G_0: the same network with its adapter switched off,
-    so no second copy of it is needed."""
+    so no second copy of it is needed. Nested (the teacher features inside), the outermost switches it back on."""
+    outer, net.lora_is_off = not getattr(net, "lora_is_off", False), True
     net.disable_adapters()
     try:
         yield
     finally:
-        net.enable_adapters()
+        if outer:
+            net.lora_is_off = False
+            net.enable_adapters()
 
 
 def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
@@ -395,6 +411,8 @@ def train(args, stop_asked=()):
     rng = torch.Generator().manual_seed(args.seed)
     grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
     step, order = start_or_resume(args, net, optimizer, rng, rank, world)
+    # Held-out evaluation (--eval-every): eval.py's scores of fixed (prompt, seed) images; the base's at update 0.
+    watch = args.eval_every and beside("eval").Watch(args, model, phi, None if pairs else reward_fn, step, rank, world)
 
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
     stop = False
@@ -454,6 +472,7 @@ def train(args, stop_asked=()):
 
                 # 4. Field: preference dipole and reference drift on the detached features -> targets.
                 targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
+                stats["spread_candidates"] = spread(fx, K).mean().item()  # diversity of a prompt's K samples
                 lap("field")
 
                 # 5. Regress onto sg(phi(x) + V): unchunked, through step 3's graph; with --grad-chunk C < K,
@@ -484,8 +503,12 @@ def train(args, stop_asked=()):
         optimizer.zero_grad(set_to_none=True)
         lap("optimizer")
         step += 1
-        if rank == 0:  # one writer: rank 0 logs, samples and saves
+        if rank == 0:
             write_metrics(out, step, log, grad_norm, optimizer, times, bar)
+        saved = watch and (step % args.eval_every == 0 or step == args.max_steps) and watch(step)  # a new best: saved
+        if rank == 0:  # one writer: rank 0 logs, samples and saves
+            if not saved and (step % args.save_lora_every == 0 or step == args.max_steps or stop):
+                save_snapshot(out, model, args, step, watch and watch.last)
             if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 with autocast:
                     grid = image_grid(sample_images(model, prompts[:args.grid_prompts], grid_noises), len(grid_noises))
@@ -494,7 +517,8 @@ def train(args, stop_asked=()):
             if stop or step == args.max_steps or (args.sample_every and step % args.sample_every == 0):
                 beside("eval").plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
             if stop or step % args.save_every == 0 or step == args.max_steps:
-                save_checkpoint(out, model, optimizer, rng, step, order)
+                save_checkpoint(out, model, optimizer, rng, step, order,
+                                beside("eval").model_card(args, model, step, watch and watch.last, out))
         if stop and world > 1:
             dist.barrier()  # rank 0 has saved before any process leaves
     bar.close()
@@ -696,32 +720,35 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     spec: a reward name, `module.path:function`, or a comma list of `NAME[:WEIGHT]` (each member
     z-scored over the call's images, then weighted and summed). Scores are computed under no_grad
     in batches of batch_size images; NaN stops. dtype: None = bf16 on CUDA, fp32 otherwise.
-    paths: weight files by REWARD_PATHS name, and geneval_metadata=FILE.jsonl for geneval."""
+    paths: weight files by REWARD_PATHS name, and geneval_metadata=FILE.jsonl for geneval. reward.members:
+    {name: each member alone, unweighted}."""
     if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
     dtype = dtype or precision_dtype("auto", device)
     fns = [(name, make(device, dtype, paths), w) for name, make, w in parse_reward_spec(spec)]
 
     @torch.no_grad()
-    def reward(images, prompts):
+    def score(name, fn, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
-        total = 0.0
-        for name, fn, w in fns:
-            s = torch.cat([torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
-                                           dtype=torch.float32).detach().cpu().flatten()
-                           for i in range(0, len(images), batch_size)])
-            if s.numel() != len(images):
-                raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
-                                 f"one float per image")
-            if not torch.isfinite(s).all():
-                raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
-                                 f"(training stops rather than rank on invalid scores)")
-            if len(fns) == 1:
-                return s
-            total = total + w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8)
-        return total
+        s = torch.cat([torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
+                                       dtype=torch.float32).detach().cpu().flatten()
+                       for i in range(0, len(images), batch_size)])
+        if s.numel() != len(images):
+            raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
+                             f"one float per image")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"reward {name!r} returned NaN or infinite scores {s.tolist()}; fix the reward "
+                             f"(training stops rather than rank on invalid scores)")
+        return s
 
+    def reward(images, prompts):
+        if len(fns) == 1:
+            return score(*fns[0][:2], images, prompts)
+        z = [(w, score(name, fn, images, prompts)) for name, fn, w in fns]
+        return sum(w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8) for w, s in z)
+
+    reward.members = {name: functools.partial(score, name, fn) for name, fn, _ in fns}  # each alone (eval.py)
     return reward
 
 
@@ -742,12 +769,46 @@ def lora_state(net):
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(net).items()}
 
 
-def save_lora(model, out_dir):
+def save_lora(model, out_dir, card):
     """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
-    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (every family)."""
+    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (every family); and its model card README.md."""
     from diffusers.utils import convert_state_dict_to_diffusers
     type(model.pipe).save_lora_weights(out_dir, **{f"{model.name}_lora_layers": convert_state_dict_to_diffusers(
         lora_state(model.net)), f"{model.name}_lora_adapter_metadata": model.net.peft_config["default"].to_dict()})
+    (Path(out_dir) / "README.md").write_text(card)
+
+
+def save_snapshot(out, model, args, step, heldout, best=False):
+    """loras/step_NNNNNN/: the LoRA of this update and its card, a folder to upload or load (no optimizer state: that
+    is in the run folder's checkpoint.pt). Written aside first, so a full disk loses no earlier snapshot; with
+    best, loras/best (a relative symlink) then points to it."""
+    snap = out / "loras" / f"step_{step:06d}"
+    tmp = snap.with_name(f".{snap.name}.saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_lora(model, tmp, beside("eval").model_card(args, model, step, heldout, snap))
+        shutil.rmtree(snap, ignore_errors=True)
+        os.replace(tmp, snap)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise disk_full(out, step) from e
+        raise
+    if best:
+        point_best(out, step)
+
+
+def point_best(out, step):
+    """loras/best -> step_NNNNNN, replaced atomically (None: removed)."""
+    link, tmp = out / "loras" / "best", out / "loras" / ".best.link"
+    tmp.unlink(missing_ok=True)
+    if link.is_dir() and not link.is_symlink():  # a copy (a run folder copied without symlinks)
+        shutil.rmtree(link)
+    if step is None:
+        return link.unlink(missing_ok=True)
+    os.symlink(f"step_{step:06d}", tmp)
+    os.replace(tmp, link)
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo",
@@ -827,11 +888,14 @@ def unet_generator(pipe, timestep=None):
     """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields.
     net: the trainable network, pipe.<name>; conditioning(prompts, side): its keyword inputs, a row per prompt;
     recipe: one_step's; teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] ->
-    latents before the VAE's scaling factor."""
+    latents before the VAE's scaling factor; stock_call: the keywords of the stock pipeline's call that sample
+    what one_step does (besides height, width and the prompt)."""
     return types.SimpleNamespace(pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(
                                  unet_conditioning, pipe), recipe=one_step_recipe(pipe.scheduler, timestep),
                                  teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0")),
-                                 encode=lambda images: pipe.vae.encode(images).latent_dist.mean)
+                                 encode=lambda images: pipe.vae.encode(images).latent_dist.mean,
+                                 stock_call=dict(guidance_scale=0.0, **{"num_inference_steps": 1} if timestep is None
+                                                 else {"timesteps": [timestep]}))
 
 
 def precision_dtype(precision, device):
@@ -856,12 +920,17 @@ def latent_shape(model, resolution=None):
 
 
 @torch.no_grad()
-def sample_images(model, prompts, noises):
-    """One-step samples as PIL images, every prompt on every noise (prompt-major); LoRA as set."""
+def sample(model, prompts, noises):
+    """One-step samples of every prompt on every noise (prompt-major), LoRA as set: (latents, their conditioning)."""
     cond = rows(model.conditioning(prompts, noises.shape[-1] * model.pipe.vae_scale_factor),
                 lambda v: v.repeat_interleave(len(noises), 0))
     z = noises.repeat(len(prompts), 1, 1, 1).to(model.net.device, model.net.dtype)
-    return to_pil(decode(model.pipe.vae, one_step(model.net, z, cond, model.recipe)))
+    return one_step(model.net, z, cond, model.recipe), cond
+
+
+def sample_images(model, prompts, noises):
+    """sample() as PIL images."""
+    return to_pil(decode(model.pipe.vae, sample(model, prompts, noises)[0]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -997,21 +1066,24 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def read_prompts(path):
-    """--prompts: one prompt per line, or for a .jsonl file each line's "prompt" (GenEval's metadata)."""
+def read_prompts(path, flag="--prompts"):
+    """--prompts (or flag): one prompt per line, or for a .jsonl file each line's "prompt" (GenEval's metadata)."""
     if path is None:
         return list(DEFAULT_PROMPTS)
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file; give a text file with one prompt per line")
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"{flag} {path}: no such file; give a text file with one prompt per line")
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if str(path).endswith(".jsonl"):
         try:
             prompts = [json.loads(line)["prompt"] for line in prompts]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"--prompts {path}: every line of a .jsonl file must be an object with a \"prompt\" "
+            raise ValueError(f"{flag} {path}: every line of a .jsonl file must be an object with a \"prompt\" "
                              f"({e!r})") from e
     if not prompts:
-        raise ValueError(f"--prompts {path} has no prompts; write one prompt per line")
+        raise ValueError(f"{flag} {path} has no prompts; write one prompt per line")
     return prompts
 
 
@@ -1085,10 +1157,10 @@ def image_grid(images, cols):
     return grid
 
 
-STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref")  # drpo_targets' stats
+STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates")
 CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
-RESUME_FREE = {"max_steps", "save_every", "sample_every", "grid_prompts", "grid_noises", "device", "reward_device",
+RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts", "grid_noises", "device", "reward_device",
                "grad_chunk", "gradient_checkpointing", "reward_batch", "grad_accum", "world_size", "resume", "force",
                "overwrite", "output_dir", "mae_ckpt", "dinov2", "forced_changes", *REWARD_PATHS}
 
@@ -1110,8 +1182,8 @@ def load_checkpoint(path):
 
 
 def start_or_resume(args, net, optimizer, rng, rank, world):
-    """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume
-    loads LoRA, optimizer and generator state from the checkpoint and drops metrics logged after it."""
+    """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume loads the LoRA,
+    the optimizer and the loop's random state from the checkpoint and drops the metrics and snapshots after it."""
     out = Path(args.output_dir)
     ckpt_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
     step, order = 0, []
@@ -1131,32 +1203,40 @@ def start_or_resume(args, net, optimizer, rng, rank, world):
             print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
         for stale in (ckpt_path, out / "checkpoint.prev.pt", metrics):
             stale.unlink(missing_ok=True)
+        shutil.rmtree(out / "loras", ignore_errors=True)
+    if rank == 0 and step:  # snapshots of updates after the checkpoint: the resumed run writes them again
+        for snap in (out / "loras").glob("step_*"):
+            if int(snap.name[5:]) > step:
+                shutil.rmtree(snap)
     if rank == 0:
         config = {**vars(args), "world_size": world}
         atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return step, order
 
 
-def save_checkpoint(out, model, optimizer, rng, step, order):
+def save_checkpoint(out, model, optimizer, rng, step, order, card):
     """checkpoint.pt (everything --resume needs; the one before becomes checkpoint.prev.pt) and the
-    diffusers-format LoRA. Both are written aside first: a failed or cut save leaves the last ones."""
-    import errno
+    diffusers-format LoRA with its card. All are written aside first: a failed or cut save leaves the last ones."""
     import tempfile
     state = {"lora": lora_state(model.net), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
              "step": step, "order": order}  # tensors, numbers and lists: loads with weights_only=True
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".saving") as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
-            save_lora(model, tmp)
+            save_lora(model, tmp, card)
             if (out / "checkpoint.pt").exists():
                 os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
-            for name in ("checkpoint.pt", "pytorch_lora_weights.safetensors"):
+            for name in ("checkpoint.pt", "pytorch_lora_weights.safetensors", "README.md"):
                 os.replace(Path(tmp) / name, out / name)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OSError(f"the disk is full: update {step} could not be saved in {out}. The last checkpoint and "
-                          f"LoRA there are intact; free some space and continue with --resume") from e
+            raise disk_full(out, step) from e
         raise
+
+
+def disk_full(out, step):
+    return OSError(f"the disk is full: update {step} could not be saved in {out}. The last checkpoint, LoRA and "
+                   f"snapshots there are intact; free some space and continue with --resume")
 
 
 def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
@@ -1207,10 +1287,12 @@ def check_args(args, world=1):
     a = vars(args)
     for names, ok, rule in (
             (("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
-              "lora_rank", "save_every", "grid_prompts", "grid_noises"), lambda v: v >= 1, "at least 1"),
+              "lora_rank", "save_every", "grid_prompts", "grid_noises", "eval_seeds", "save_lora_every"),
+             lambda v: v >= 1, "at least 1"),
             (("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"),
              lambda v: v > 0, "positive"),
-            (("lambda_ref", "grad_chunk", "sample_every"), lambda v: v >= 0, "0 (off) or positive"),
+            (("lambda_ref", "grad_chunk", "sample_every", "eval_every"), lambda v: v is None or v >= 0,
+             "0 (off) or positive"),
             (("radii", "ref_radii"), lambda v: v and all(r > 0 for r in v), "positive numbers, e.g. 0.02,0.05,0.2")):
         for name in (n for n in names if not ok(a[n])):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {a[name]}")
@@ -1248,6 +1330,7 @@ def check_args(args, world=1):
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
+    beside("eval").check_watch(args)  # --eval-*: the held-out evaluation's settings and files
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
@@ -1355,6 +1438,17 @@ def build_parser():
     g.add_argument("--grid-prompts", type=int, default=4, help="rows of the sample grid (the first prompts)")
     g.add_argument("--grid-noises", type=int, default=2, help="columns of the sample grid (fixed noises)")
     g.add_argument("--save-every", type=int, default=100, help="save the LoRA and a checkpoint every N steps")
+    g.add_argument("--save-lora-every", type=int, default=100, help="keep the LoRA of every N-th update (and of the "
+                   "last) in loras/step_N/, a folder to load or upload, with its model card")
+    g = p.add_argument_group("held-out evaluation (docs/running.md, \"Watching a run\")")
+    g.add_argument("--eval-every", type=int, help="every N updates, score fixed held-out (prompt, seed) images as eval.py "
+                   "does, the base at update 0, and keep the best update in loras/best; 0 = off (default: 25; off "
+                   "with --pairs unless --eval-reward is given)")
+    g.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: prompts/heldout.txt, "
+                   "none of them a built-in training prompt)")
+    g.add_argument("--eval-reward", help="rewards to watch, a --reward spec whose members are each logged as eval/NAME; "
+                   "the first picks loras/best (default: the training reward; required with --pairs)")
+    g.add_argument("--eval-seeds", type=int, default=4, help="noises per held-out prompt: seeds 0 .. N-1, as eval.py's")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
                    "refused if a setting that shapes the run changed (docs/running.md)")
     g.add_argument("--force", action="store_true", help="with --resume: continue anyway, recorded in config.json")

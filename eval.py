@@ -3,13 +3,18 @@
     python eval.py --model sd-turbo --lora runs/drpo --reward pickscore,aesthetic,hpsv3 \
         --prompts prompts.txt --seeds 4 --out eval/
 
-Every model sees the same noise for seed s: torch.randn((1, C, H/8, W/8)) from a CPU generator
-seeded with s, shared by all prompts, sampled in one step exactly as drpo.py trains. Each LoRA is
+Every model sees the same noise for seed s: torch.randn((1, *latent shape)) from a CPU generator
+seeded with s, shared by all prompts, sampled in one step exactly as drpo.py trains. Given a run
+folder (or one of its loras/ snapshots), the run's model, timestep and resolution are used. Each LoRA is
 compared with the base on the same (prompt, seed) pairs: mean difference, a 95 % paired
 bootstrap interval, and the win rate (ties count half).
 
 Writes EVALDIR/results.json, scores.csv (one row per image), table.md (also printed) and
 grid.png (first prompts, first seed; base, then each LoRA, left to right).
+
+    python eval.py --lora runs/drpo --snapshots --reward brightness --out steps/
+
+Every loras/step_N of the run, and steps.png: the held-out scores against the update.
 
     python eval.py --model sd-turbo --lora runs/drpo --geneval evaluation_metadata.jsonl --out geneval/
 
@@ -34,6 +39,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -43,6 +49,8 @@ import torch
 import drpo
 
 DEFAULT_REWARDS = "pickscore,aesthetic,clip,hpsv3"
+HELDOUT = Path(__file__).resolve().parent / "prompts" / "heldout.txt"  # no prompt of drpo.DEFAULT_PROMPTS
+RUN_SETTINGS = ("model", "timestep", "resolution")  # the settings of a drpo.py run that decide what it samples
 # Named prompt sets of the paper: hub dataset, split, column.
 PROMPT_SETS = {"parti": ("nateraw/parti-prompts", "train", "Prompt"),
                "pickapic": ("yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption")}
@@ -69,18 +77,32 @@ def load_prompts(spec, limit=None):
     return prompts[:limit] if limit else prompts
 
 
-def check_lora(model, folder):
-    """Refuse a LoRA that does not fit this generator's network (diffusers would load mismatched shapes silently)."""
+def network_of(model):
+    """(name, network) of --model's trainable network ("unet" or "transformer"), built from its config on the meta
+    device: its modules and their shapes, without a single weight loaded."""
+    import diffusers
+    path, _ = drpo.model_class(model)
+    index = diffusers.DiffusionPipeline.load_config(path)
+    name = "unet" if "unet" in index else "transformer"
+    cls = getattr(diffusers, index[name][1])
+    with torch.device("meta"):
+        return name, cls.from_config(cls.load_config(path, subfolder=name))
+
+
+def check_lora(network, folder):
+    """Refuse a LoRA that does not fit the generator's network (diffusers would load mismatched shapes silently).
+    network: network_of(--model), so this runs before any model loads."""
     from safetensors.torch import load_file
 
     path = Path(folder) / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"--lora {folder}: no pytorch_lora_weights.safetensors there; pass the --output-dir "
-                                f"of a drpo.py run (or any diffusers-format LoRA folder)")
-    modules = dict(model.net.named_modules())
+                                f"of a drpo.py run, one of its loras/ folders, or any diffusers-format LoRA folder")
+    name, net = network
+    modules = dict(net.named_modules())
     found = 0
     for key, w in load_file(path).items():
-        m = re.fullmatch(rf"{model.name}\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
+        m = re.fullmatch(rf"{name}\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
         if not m:
             continue
         found += 1
@@ -93,8 +115,196 @@ def check_lora(model, folder):
             raise ValueError(f"--lora {folder}: {key} has shape {tuple(w.shape)} but {m[1]} has "
                              f"{'in' if down else 'out'} features {fan}: a LoRA for another architecture?")
     if not found:
-        raise ValueError(f"--lora {folder} holds no LoRA weights for this model (keys `{model.name}.*.lora.down/up"
+        raise ValueError(f"--lora {folder} holds no LoRA weights for this model (keys `{name}.*.lora.down/up"
                          f".weight`): a LoRA for another family? Evaluate it with the model it was trained on")
+
+
+def seed_noises(model, resolution, seeds):
+    """The noise of seed s, shared by every prompt and model: torch.randn((1, *latent shape)) from a CPU generator
+    seeded with s (the latent shape is the generator's: (4, H/8, W/8) for SD and SDXL, (32, H/32, W/32) for SANA)."""
+    shape = drpo.latent_shape(model, resolution)
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def metrics_of(spec, loaded=None, device="cpu", batch_size=8, dtype=None, **paths):
+    """A reward spec as metrics scored one by one, {name: reward}: an ensemble's members apart, unweighted (their
+    z-scored sum has mean 0 over any prompt's images); a member of the loaded reward is reused, not loaded again."""
+    members = getattr(loaded, "members", {})
+    return {name: members.get(name) or drpo.load_reward(name, device, batch_size, dtype, **paths)
+            for name, _, _ in drpo.parse_reward_spec(spec)}
+
+
+@torch.no_grad()
+def heldout_scores(model, prompts, noises, metrics, phi=None, each=None):
+    """Every prompt sampled on every noise, one prompt at a time, each image scored by every metric: what eval.py
+    reports and drpo.py logs while it trains (--eval-every). Returns ({metric: (prompts * noises,) scores,
+    prompt-major}, (prompts,) spread of each prompt's samples over the noises, or None without phi or with one
+    noise). phi sees the clean samples (feature noise 0); each(i, images) is called with every prompt's images."""
+    scores, spreads = {m: [] for m in metrics}, []
+    for i, prompt in enumerate(prompts):
+        x, cond = drpo.sample(model, [prompt], noises)
+        images = drpo.to_pil(drpo.decode(model.pipe.vae, x))
+        for m, fn in metrics.items():
+            scores[m].append(fn(images, [prompt] * len(images)).double())
+        if phi is not None and len(noises) > 1:
+            spreads.append(drpo.spread(phi(x, torch.zeros_like(x), cond), len(noises)).double())
+        if each:
+            each(i, images)
+    cat = lambda v: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64)
+    return {m: cat(v) for m, v in scores.items()}, cat(spreads) if spreads else None
+
+
+def run_of(folder):
+    """config.json of the drpo.py run a LoRA folder comes from: the run folder itself, or RUN for a snapshot
+    RUN/loras/step_N (or RUN/loras/best); None for a LoRA from elsewhere."""
+    folder = Path(folder).resolve()
+    for run in (folder, folder.parent.parent) if folder.parent.name == "loras" else (folder,):
+        cfg = run / "config.json"
+        if cfg.is_file() and {"candidates", *RUN_SETTINGS} <= set(config := json.loads(cfg.read_text())):
+            return config
+    return None
+
+
+def take_run_settings(args):
+    """--model, --timestep and --resolution of the runs the --lora folders come from, where not given. A given flag
+    that contradicts a run is refused, unless --override; runs that disagree are refused."""
+    runs = {f: c for f in args.lora if (c := run_of(f))}
+    shown = lambda v: "unset (the model's default)" if v is None else v
+    same = lambda key, a, b: drpo.resolve_model(a) == drpo.resolve_model(b) if key == "model" else a == b
+    for key in RUN_SETTINGS:
+        given, seen = getattr(args, key), [(f, c[key]) for f, c in runs.items()]
+        if given is not None and args.override:
+            continue
+        for (f, v), (g, w) in itertools.combinations(seen, 2):
+            if not same(key, v, w):
+                raise ValueError(f"--lora {f} was trained with --{key} {shown(v)} but --lora {g} with {shown(w)}: "
+                                 f"evaluate them in separate eval.py runs")
+        for f, v in seen:
+            if given is not None and not same(key, given, v):
+                raise ValueError(f"--{key} {given} contradicts the run of --lora {f}, trained with --{key} {shown(v)}, "
+                                 f"so its LoRA would be judged on images unlike those it learned from. Drop --{key} "
+                                 f"to use the run's, or add --override to evaluate with --{key} {given} anyway")
+        if given is None and seen:
+            setattr(args, key, seen[0][1])
+    args.model = args.model or "sd-turbo"
+    return runs
+
+
+class Watch:
+    """drpo.py's held-out evaluation (--eval-every): heldout_scores of fixed (prompt, seed) images, so each figure
+    equals eval.py's for that update's LoRA. Process r of a torchrun job scores prompts r, r + world, ..., rank 0
+    gathers them, appends a metrics.jsonl line and keeps loras/best. The base is scored once per (re)start and
+    logged at update 0. Nothing here draws from the training's random state."""
+
+    def __init__(self, args, model, phi, reward, step, rank, world):
+        device = drpo.reward_device_of(args.reward_device, model.net.device, int(os.environ.get("LOCAL_RANK", 0)))
+        paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
+        self.args, self.model, self.phi, self.rank, self.world, self.out = args, model, phi, rank, world, \
+            Path(args.output_dir)
+        self.prompts = drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
+        self.noises = seed_noises(model, args.resolution, range(args.eval_seeds))
+        self.metrics = metrics_of(args.eval_reward or args.reward, reward, device, args.reward_batch, drpo.precision_dtype(
+            args.reward_precision, device), geneval_metadata=args.eval_prompts, **paths)
+        self.first, self.best, self.last = f"eval/{next(iter(self.metrics))}", (None, -math.inf), None
+        with drpo.lora_off(model.net):
+            self.base = self.score()
+        if step == 0:
+            self.log(0, self.base)
+        elif rank == 0 and (self.out / "metrics.jsonl").is_file():  # resumed: the best of the updates logged so far
+            rows = [row for line in (self.out / "metrics.jsonl").read_text().splitlines()
+                    if self.first in (row := json.loads(line))]
+            if rows:
+                top = max(rows, key=lambda row: row[self.first])  # the first of equals, as during the run
+                self.best, self.last = (top["step"], top[self.first]), rows[-1]
+                drpo.point_best(self.out, top["step"])
+
+    def score(self):
+        """({metric: (prompts * seeds,)}, (prompts,) spreads or None), every process's share gathered on all."""
+        cuda = [self.model.net.device] if self.model.net.device.type == "cuda" else []
+        with drpo.all_or_none(self.world), torch.random.fork_rng(devices=cuda):
+            mine = heldout_scores(self.model, self.prompts[self.rank::self.world], self.noises, self.metrics, self.phi)
+        if self.world == 1:
+            return mine
+        shares = [None] * self.world
+        torch.distributed.all_gather_object(shares, mine)
+        S, P = len(self.noises), len(self.prompts)
+
+        def joined(pick, per):  # rank r's j-th prompt is prompt r + j * world
+            full = torch.zeros(P, per, dtype=torch.float64)
+            for r, share in enumerate(shares):
+                full[r::self.world] = pick(share).view(-1, per)
+            return full.flatten()
+        scores = {m: joined(lambda sh: sh[0][m], S) for m in self.metrics}
+        return scores, None if mine[1] is None else joined(lambda sh: sh[1], 1)
+
+    def __call__(self, step):
+        """Evaluate the LoRA of this update; True on rank 0 when it is the best so far (its snapshot then saved)."""
+        return self.log(step, self.score())
+
+    def log(self, step, result):
+        scores, spreads = result
+        if self.rank:
+            return False
+        row = {"step": step}
+        for m, s in scores.items():
+            row[f"eval/{m}"], row[f"eval/{m}_gain"] = s.mean().item(), (s - self.base[0][m]).mean().item()
+        if spreads is not None:
+            row["eval/spread_seeds"] = spreads.mean().item()
+            row["eval/spread_seeds_vs_base"] = (spreads.mean() / self.base[1].mean().clamp_min(1e-12)).item()
+        best = row[self.first] > self.best[1]
+        self.best = (step, row[self.first]) if best else self.best
+        self.last = {**row, "best_step": self.best[0]}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(self.last) + "\n")
+        if best:
+            drpo.save_snapshot(self.out, self.model, self.args, step, self.last, best=True)
+        return best
+
+
+def check_watch(args):
+    """drpo.py's --eval-* and --save-lora-every, checked before any model loads (default --eval-every resolved)."""
+    if args.eval_every is None:
+        args.eval_every = 25 if (args.reward or args.eval_reward) else 0
+    if args.eval_every and not (args.reward or args.eval_reward):
+        raise ValueError("--eval-every: with --pairs there is no training reward to evaluate with; name one with "
+                         "--eval-reward (e.g. pickscore), or pass --eval-every 0")
+    if not args.eval_every:
+        return
+    drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
+    try:
+        names = [name for name, _, _ in drpo.parse_reward_spec(args.eval_reward or args.reward)]
+    except ValueError as e:
+        raise ValueError(f"--eval-reward {args.eval_reward}: {e}" if args.eval_reward else str(e)) from e
+    if "geneval" in names and not str(args.eval_prompts).endswith(".jsonl"):
+        raise ValueError("--eval-reward geneval (or a geneval training reward) needs --eval-prompts "
+                         "evaluation_metadata.jsonl: GenEval reads each prompt's checks there")
+
+
+def model_card(args, model, step, heldout, folder):
+    """A LoRA folder's README.md, laid out like the model cards of the diffusers LoRA training scripts (YAML
+    metadata, then text): the stock call that samples what training sampled, the reward, the updates done."""
+    base, side = drpo.resolve_model(args.model), drpo.latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
+    call, hub = {**model.stock_call, "height": side, "width": side}, not Path(base).exists()  # hub: a hub id
+    figures = ", ".join(f"`{k}` {v:.4g}" for k, v in (heldout or {}).items() if k.startswith("eval/"))
+    return "\n".join([
+        "---", *([f"base_model: {base}"] if hub else []), "library_name: diffusers", "tags:", "- text-to-image",
+        "- diffusers", "- lora", "- drpo", "inference: true", "---", "",
+        f"# DrPO LoRA for {base}", "",
+        f"LoRA weights for `{base}` ({type(model.pipe).__name__}), finetuned with DrPO (Drifting Preference "
+        f"Optimization, arXiv 2606.02521) toward {f'the reward `{args.reward}`' if args.reward else f'the preference pairs of `{args.pairs}`'}, "
+        f"after {step} updates.", "",
+        "## How to use", "", "```python", f"from diffusers import {type(model.pipe).__name__}",
+        f"pipe = {type(model.pipe).__name__}.from_pretrained({base!r})",
+        f"pipe.load_lora_weights({str(folder)!r})",
+        f"image = pipe(\"a photo of a cat\", {', '.join(f'{k}={v!r}' for k, v in call.items())}).images[0]", "```", "",
+        "These keywords sample what training sampled (one step, the same timestep and image size); other settings "
+        "give other images.", "",
+        "## Training details", "",
+        f"- updates: {step}; LoRA rank {args.lora_rank}, alpha {args.lora_alpha}, on `{args.lora_targets}`",
+        f"- K = {args.candidates} candidates per prompt, {args.n_pos} positives / {args.n_neg} negatives, features "
+        f"`{args.features}`, lr {args.lr}, seed {args.seed}",
+        f"- held-out evaluation (update {heldout['step']}): {figures}" if figures else "- no held-out evaluation yet",
+        "- every setting of the run: the run folder's config.json", ""])
 
 
 def paired_stats(base, tuned, resamples=10_000, seed=0):
@@ -221,9 +431,10 @@ def judge_table(judged):
 
 
 def plot_curves(runs, path):
-    """curves.png: over updates, the reward's mean and spread, the gap, the distance to the base
-    samples and the gradient norm, one line per run (on pairs: the distances to the chosen and
-    rejected images instead of the reward). matplotlib is imported here only: the method needs torch."""
+    """curves.png, one line per run over updates: the training reward's mean and spread beside the held-out scores
+    (eval/NAME, from --eval-every: a training reward that keeps rising while these fall is being hacked), the
+    diversity, the gap, the distance to the base samples and the gradient norm (on pairs: the distances to the
+    chosen and rejected images instead of the reward). matplotlib is imported here only: the method needs torch."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -231,24 +442,40 @@ def plot_curves(runs, path):
     except ImportError:
         print("curves.png skipped: `pip install matplotlib` to draw it", file=sys.stderr)
         return
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.8))
+    (train_ax, eval_ax, spread_ax), rest = axes
     for run in map(Path, runs):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        held = [r for r in rows if any(k.startswith("eval/") for k in r)]
+        rows = [r for r in rows if r not in held]
         col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
         if "reward_mean" in col:
             mean, std = col["reward_mean"], col["reward_std"]
-            axes[0].plot(col["step"], mean, label=run.name)
-            axes[0].fill_between(col["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                 alpha=0.2)
+            train_ax.plot(col["step"], mean, label=run.name)
+            train_ax.fill_between(col["step"], [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                  alpha=0.2)
         elif col:
-            axes[0].plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
-            axes[0].plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
-        for ax, key in zip(axes[1:], ("gap", "dist_ref", "grad_norm")):
+            train_ax.plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
+            train_ax.plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
+        names = [k for k in (held[0] if held else ()) if k.startswith("eval/") and not k.endswith("_gain")
+                 and not k.startswith("eval/spread")]
+        for k in names:
+            eval_ax.plot([r["step"] for r in held], [r[k] for r in held], marker=".", label=f"{run.name}: {k[5:]}")
+        if "spread_candidates" in col:
+            spread_ax.plot(col["step"], col["spread_candidates"], label=f"{run.name}: K candidates (training)")
+        if held and "eval/spread_seeds" in held[0]:
+            spread_ax.plot([r["step"] for r in held], [r["eval/spread_seeds"] for r in held], marker=".",
+                           label=f"{run.name}: held-out seeds")
+        for ax, key in zip(rest, ("gap", "dist_ref", "grad_norm")):
             ax.plot(col.get("step", []), col.get(key, []))
-    for ax, title in zip(axes, ("reward, mean ± std (pairs: distances)", "gap (pairs: rejected − chosen)",
-                                "feature distance to the base samples", "gradient norm (before clipping)")):
+    for ax, title in zip(axes.flat, ("training reward, mean ± std (pairs: distances)", "held-out scores (update 0: "
+                                     "the base)", "diversity: feature spread of a prompt's samples",
+                                     "gap (pairs: rejected − chosen)", "feature distance to the base samples",
+                                     "gradient norm (before clipping)")):
         ax.set(title=title, xlabel="update")
-    axes[0].legend(fontsize=7)
+    for ax in (train_ax, eval_ax, spread_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     drpo.atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
@@ -257,14 +484,19 @@ def plot_curves(runs, path):
 def build_parser():
     p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
                                 formatter_class=drpo.HelpFormatter)
-    p.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, `sana-sprint`, a hub id, a local "
-                   "diffusers pipeline folder, or `tiny` / `tiny-sdxl` / `tiny-sana` (offline demos)")
-    p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir (or diffusers-format LoRA "
-                   "folder); repeat to compare several; labelled by folder name")
+    p.add_argument("--model", help="`sd-turbo`, `sdxl-turbo`, `sana-sprint`, a hub id, a local diffusers pipeline "
+                   "folder, or `tiny` / `tiny-sdxl` / `tiny-sana` (default: the --lora runs' model, else sd-turbo)")
+    p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir, one of its loras/step_N or "
+                   "loras/best, or any diffusers-format LoRA folder; repeat to compare several; labelled by folder "
+                   "name. A run's --model, --timestep and --resolution are used unless given")
+    p.add_argument("--snapshots", action="store_true", help="evaluate every loras/step_N of the --lora runs and draw "
+                   "OUT/steps.png, the held-out scores against the update")
+    p.add_argument("--override", action="store_true", help="evaluate with a --model, --timestep or --resolution that "
+                   "contradicts the --lora run's (refused without it)")
     p.add_argument("--reward", help=f"comma list of metrics, each a drpo.py reward name or `module:function` "
                    f"(default: {DEFAULT_REWARDS}; none when --judge is given)")
     p.add_argument("--prompts", help="text file with one prompt per line, or `parti` / `pickapic` (the paper's sets, "
-                   "fetched from the hub with `datasets`)")
+                   "fetched from the hub with `datasets`; default: the run's --eval-prompts, else prompts/heldout.txt)")
     p.add_argument("--geneval", metavar="FILE.jsonl", help="run GenEval on its evaluation_metadata.jsonl instead of "
                    "rewards on --prompts")
     p.add_argument("--judge", nargs="?", const="Qwen/Qwen3-VL-8B-Instruct", metavar="MODEL",
@@ -280,8 +512,10 @@ def build_parser():
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
     p.add_argument("--seeds", type=int, default=4, help="noises per prompt: seeds 0 .. N-1")
     p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
-    p.add_argument("--resolution", type=int, help="image side in pixels (default: the model's native size)")
-    p.add_argument("--timestep", type=int, help="the one step's timestep, as trained (default: the stock pipeline's)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default: the run's, else the model's native "
+                   "size)")
+    p.add_argument("--timestep", type=int, help="the one step's timestep (default: the run's, else the stock "
+                   "pipeline's)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="generator dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -292,6 +526,17 @@ def build_parser():
     return p
 
 
+def snapshots_of(runs):
+    """--snapshots: every RUN/loras/step_N of the one run folder, in update order."""
+    if len(runs) != 1:
+        raise ValueError(f"--snapshots evaluates the snapshots of one run: give one --lora RUN, not {len(runs)}")
+    steps = sorted((Path(runs[0]) / "loras").glob("step_*"), key=lambda f: int(f.name[5:]))
+    if not steps:
+        raise FileNotFoundError(f"--snapshots: {runs[0]} has no loras/step_N folders; pass a drpo.py --output-dir "
+                                f"(it keeps one every --save-lora-every updates)")
+    return list(map(str, steps))
+
+
 def evaluate(args):
     from tqdm import tqdm
 
@@ -300,12 +545,20 @@ def evaluate(args):
     for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts", "judge_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if (args.prompts is None) == (args.geneval is None):
-        raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, one of them")
+    if args.prompts and args.geneval:
+        raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, not both")
     if args.judge_template and not args.judge:
         raise ValueError("--judge-template is the instruction of --judge; add --judge")
+    if args.snapshots:
+        args.lora = snapshots_of(args.lora)
     template = read_template(args.judge_template)
+    runs = take_run_settings(args)  # the runs' --model, --timestep, --resolution where not given
     drpo.check_model(args.model, args.resolution, args.timestep)  # configs only: checked before any load
+    network = network_of(args.model)
+    for folder in args.lora:
+        check_lora(network, folder)
+    if not args.prompts and not args.geneval:  # the runs' held-out prompts, else the shipped held-out list
+        args.prompts = next((c.get("eval_prompts") for c in runs.values() if c.get("eval_prompts")), None) or HELDOUT
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval = drpo.beside("rewards.geneval")
@@ -322,23 +575,21 @@ def evaluate(args):
         rewards = {"geneval": decide_images}
     else:
         prompts = load_prompts(args.prompts, args.max_prompts)
-        names = [r.strip() for r in (args.reward or ("" if args.judge else DEFAULT_REWARDS)).split(",") if r.strip()]
-        rewards = {r: drpo.load_reward(r, args.reward_device or device, args.reward_batch, **paths) for r in names}
+        spec = args.reward or ("" if args.judge else DEFAULT_REWARDS)
+        rewards = metrics_of(spec, None, args.reward_device or device, args.reward_batch, **paths) if spec else {}
         if args.paper_scales and "imagereward" in rewards:
             rewards["imagereward"] = lambda images, prompts, fn=rewards["imagereward"]: 10 * fn(images, prompts)
     if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass
         judge = drpo.beside("rewards.judge").load_judge(args.judge, args.reward_device or device, template=template,
                                                         batch_size=args.judge_batch)
     model = drpo.load_generator(args.model, dtype, device, args.timestep)
-    pipe, labels = model.pipe, {}
+    labels = {}
     for folder in args.lora:
-        check_lora(model, folder)
-        label = Path(folder).resolve().name
+        label = Path(folder).resolve().name if Path(folder).name != "best" else "best"
         taken = label in labels or label in ("base", "tie", "invalid")  # names the tables and judge.csv use
         labels[f"{label}-{len(labels) + 1}" if taken else label] = folder
     seeds = list(range(args.seeds))
-    noises = torch.cat([torch.randn((1, *drpo.latent_shape(model, args.resolution)),
-                                    generator=torch.Generator().manual_seed(s)) for s in seeds])
+    noises = seed_noises(model, args.resolution, seeds)
 
     # scores[reward][label]: (prompts * seeds,) in prompt-major order; grid: first seed per row
     out = Path(args.out)
@@ -346,30 +597,28 @@ def evaluate(args):
     scores, grid = {r: {} for r in rewards}, []
     bar = tqdm(total=(1 + len(labels)) * len(prompts), desc="eval", dynamic_ncols=True)
     for label, folder in [("base", None), *labels.items()]:
-        if folder:
-            pipe.load_lora_weights(folder)
-        per = {r: [] for r in rewards}
-        for i, prompt in enumerate(prompts):
-            images = drpo.sample_images(model, [prompt], noises)
+        def each(i, images):
             if args.judge:  # kept on disk for the judge (and for looking at what it judged)
                 (out / "images" / label).mkdir(parents=True, exist_ok=True)
                 for s, im in zip(seeds, images):
                     im.save(image_path(out, label, i, s))
-            for r, fn in rewards.items():
-                per[r].append(fn(images, [prompt] * len(images)).double())
             if i < args.grid_prompts:
                 grid.append((i, label, images[0]))
             bar.update(1)
-            bar.set_postfix({f"{label}/{r}": f"{torch.cat(v).mean().item():.4g}" for r, v in per.items()})
-        for r in rewards:
-            scores[r][label] = torch.cat(per[r])
+
         if folder:
-            pipe.unload_lora_weights()
+            model.pipe.load_lora_weights(folder)
+        for r, s in heldout_scores(model, prompts, noises, rewards, each=each)[0].items():
+            scores[r][label] = s
+        bar.set_postfix({f"{label}/{r}": f"{s[label].mean().item():.4g}" for r, s in scores.items()})
+        if folder:
+            model.pipe.unload_lora_weights()
     bar.close()
 
     summary = {r: {"base": {"mean": s["base"].mean().item(), "std": s["base"].std().item()},
                    **{label: paired_stats(s["base"], s[label]) for label in labels}} for r, s in scores.items()}
-    results = {"scores": summary, "prompts": prompts, "seeds": seeds, "loras": labels, "settings": vars(args)}
+    settings = {**vars(args), "prompts": str(args.prompts) if args.prompts else None}
+    results = {"scores": summary, "prompts": prompts, "seeds": seeds, "loras": labels, "settings": settings}
     if args.judge:
         results["judge"] = judge_all(judge, ["base", *labels], prompts, seeds, out, args.judge_batch)
     if args.geneval:
@@ -385,12 +634,33 @@ def evaluate(args):
                     w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
     grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
     drpo.image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
+    if args.snapshots and rewards:
+        plot_steps(summary, out / "steps.png")
     tables = [markdown_table(summary) if rewards else None, tasks_table(results["geneval"]) if args.geneval else None,
               judge_table(results["judge"]) if args.judge else None]
     table = "\n\n".join(t for t in tables if t)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results
+
+
+def plot_steps(summary, path):
+    """--snapshots: each reward's held-out mean against the update (the base at 0), with the 95 % paired interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(4.5 * len(summary), 3.4), squeeze=False)
+    for ax, (r, s) in zip(axes[0], summary.items()):
+        points = [(int(k[5:]), v) for k, v in s.items() if k.startswith("step_") and int(k[5:])]  # step 0: the base
+        steps, means = [0] + [n for n, _ in points], [s["base"]["mean"]] + [v["mean"] for _, v in points]
+        lo = [0] + [v["diff_vs_base"] - v["ci95"][0] for _, v in points]
+        hi = [0] + [v["ci95"][1] - v["diff_vs_base"] for _, v in points]
+        ax.errorbar(steps, means, yerr=[lo, hi], marker="o", capsize=3)
+        ax.set(title=f"held-out {r}", xlabel="update")
+    fig.tight_layout()
+    drpo.atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
 
 
 def main(argv=None):

@@ -393,8 +393,10 @@ def test_default_resolution_is_the_native_side_and_512_for_sdxl(tiny, tiny_sdxl,
 
 
 def run(tiny, out, *extra, reward="brightness"):
+    """A tiny run; the held-out evaluation is off unless extra turns it on (its tests do)."""
     return drpo.main(["--model", tiny, "--reward", reward, "--output-dir", str(out), "--candidates", "8",
-                      "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0", *extra])
+                      "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0",
+                      "--eval-every", "0", *extra])
 
 
 def pipeline(tiny, lora=None):
@@ -653,7 +655,7 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
              "--sample-every", "0", "--save-every", "2", "--pos-weight", "2000", "--neg-weight", "1500",
              "--ref-weight", "2500", "--ref-neg-weight", "1000", "--lambda-ref", "0.7", "--radii", "0.03,0.1",
              "--ref-radii", "0.05,0.3"]
-    common = ["--model", tiny, "--reward", "brightness", *flags]
+    common = ["--model", tiny, "--reward", "brightness", "--eval-every", "0", *flags]
     assert drpo.main(common + ["--output-dir", str(tmp_path / "warm"), "--max-steps", "2"]) == 0
     shutil.copytree(tmp_path / "warm", tmp_path / "next")
     assert drpo.main(common + ["--output-dir", str(tmp_path / "next"), "--max-steps", "3", "--resume"]) == 0
@@ -815,7 +817,7 @@ def torchrun(*argv, nproc=2):
 def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(request, tmp_path, arch):
     common = ["--model", request.getfixturevalue(FAMILIES[arch]), "--reward", "brightness", "--candidates", "8",
               "--n-pos", "3", "--n-neg", "3",
-              "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "2"]
+              "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "2", "--eval-every", "0"]
     # one process, accumulation 2 = 2 processes x 1; torchrun gives each worker one thread, so this
     # run gets one too (another thread count changes float round-off, which Adam amplifies)
     threads = torch.get_num_threads()
@@ -860,7 +862,7 @@ def nan_on_rank_one(images, prompts):
 
 def test_torchrun_failures_stop_every_process_and_are_reported_once(tiny, tmp_path):
     common = ["--model", tiny, "--candidates", "8", "--n-pos", "3", "--n-neg", "3", "--grad-accum", "1",
-              "--max-steps", "2", "--sample-every", "0"]
+              "--max-steps", "2", "--sample-every", "0", "--eval-every", "0"]
     # one process fails inside an update: both exit, nobody waits in the gradient all-reduce
     r = torchrun(*common, "--reward", "test_drpo:nan_on_rank_one", "--output-dir", str(tmp_path / "nan"))
     assert r.returncode != 0
@@ -1023,7 +1025,7 @@ def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_ru
 def test_sigterm_to_one_torchrun_process_stops_all_after_the_same_update(tiny, tmp_path):
     common = ["--model", tiny, "--reward", "test_drpo:sigterm_reward", "--candidates", "8", "--n-pos", "3",
               "--n-neg", "3", "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "5",
-              "--max-steps", "3"]
+              "--max-steps", "3", "--eval-every", "0"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker (see the torchrun test above)
     try:
@@ -1861,6 +1863,232 @@ def test_eval_refuses_bad_input(trained, tmp_path, capsys):
         assert ev.main(base + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()  # nothing written on failure
+
+
+# ---------------------------------------------------------------- watching a run ----------
+
+HELD = "a lighthouse at night\na bowl of fruit on a table\nsnow on a red roof\n"
+
+
+def held_rows(out):
+    return [r for r in metrics_of(out) if any(k.startswith("eval/") for k in r)]
+
+
+def test_heldout_eval_equals_eval_py_on_each_snapshot_and_leaves_training_bitwise_unchanged(tiny, tmp_path):
+    import eval as ev
+
+    (tmp_path / "held.txt").write_text(HELD)
+    common = ("--max-steps", "10", "--sample-every", "0", "--lr", "1e-2")
+    watch = ("--eval-every", "5", "--save-lora-every", "5", "--eval-reward", "brightness", "--eval-prompts",
+             str(tmp_path / "held.txt"), "--eval-seeds", "3")
+    assert run(tiny, tmp_path / "blind", *common) == 0
+    assert run(tiny, tmp_path / "watched", *common, *watch) == 0
+    assert same_lora(tmp_path / "blind", tmp_path / "watched")  # the evaluation changes no update
+    held = held_rows(tmp_path / "watched")
+    assert [r for r in metrics_of(tmp_path / "watched") if r not in held] == metrics_of(tmp_path / "blind")
+    assert [r["step"] for r in held] == [0, 5, 10] and held[0]["eval/brightness_gain"] == 0
+    assert held[-1]["eval/brightness_gain"] > 0  # brightness training raised the held-out brightness
+    loras = tmp_path / "watched" / "loras"
+    assert sorted(p.name for p in loras.iterdir()) == ["best", "step_000000", "step_000005", "step_000010"]
+    assert same_lora(loras / "step_000010", tmp_path / "watched")
+    best = max(held, key=lambda r: r["eval/brightness"])["step"]
+    assert held[-1]["best_step"] == best and (loras / "best").resolve() == (loras / f"step_{best:06d}").resolve()
+    # eval.py on every snapshot, reading the run's model and held-out prompts: the same figures
+    out = tmp_path / "ev"
+    assert ev.main(["--lora", str(tmp_path / "watched"), "--snapshots", "--reward", "brightness", "--seeds", "3",
+                    "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["prompts"] == HELD.splitlines() and (out / "steps.png").is_file()
+    scores = res["scores"]["brightness"]
+    assert scores["base"]["mean"] == pytest.approx(held[0]["eval/brightness"], abs=1e-4)
+    for r in held:
+        assert scores[f"step_{r['step']:06d}"]["mean"] == pytest.approx(r["eval/brightness"], abs=1e-4)
+        assert scores[f"step_{r['step']:06d}"]["diff_vs_base"] == pytest.approx(r["eval/brightness_gain"], abs=1e-4)
+    assert held[-1]["eval/brightness_gain"] > 1e-3  # so the equalities above compare different images
+    for snap in ("step_000005", "best"):  # each snapshot is a LoRA folder the stock pipeline loads
+        pipeline(tiny, loras / snap)
+        assert "load_lora_weights" in (loras / snap / "README.md").read_text()
+
+
+def test_torchrun_splits_the_heldout_eval_over_processes_and_changes_no_update(tiny, tmp_path):
+    (tmp_path / "held.txt").write_text(HELD)  # 3 prompts: 2 on rank 0, 1 on rank 1
+    common = ["--model", tiny, "--reward", "brightness", "--candidates", "8", "--n-pos", "3", "--n-neg", "3",
+              "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--max-steps", "3"]
+    watch = ["--eval-every", "2", "--eval-prompts", str(tmp_path / "held.txt"), "--eval-seeds", "2"]
+    for name, extra in (("watched", watch), ("blind", ["--eval-every", "0"])):
+        r = torchrun(*common, "--grad-accum", "1", *extra, "--output-dir", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert same_lora(tmp_path / "watched", tmp_path / "blind")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker
+    try:
+        assert drpo.main(common + watch + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two, one = held_rows(tmp_path / "watched"), held_rows(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 2, 3]
+    for a, b in zip(one, two):  # every prompt scored once, in its place
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_resume_keeps_the_snapshots_and_the_best_step(tiny, tmp_path):
+    (tmp_path / "held.txt").write_text(HELD)
+    common = ("--sample-every", "0", "--lr", "1e-2", "--eval-every", "2", "--save-lora-every", "2", "--save-every",
+              "4", "--eval-prompts", str(tmp_path / "held.txt"), "--eval-seeds", "2")
+    assert run(tiny, tmp_path / "full", "--max-steps", "6", *common) == 0
+    assert run(tiny, tmp_path / "cut", "--max-steps", "4", *common) == 0
+    loras = tmp_path / "cut" / "loras"
+    shutil.copytree(loras / "step_000004", loras / "step_000006")  # as if cut after saving a later snapshot
+    assert run(tiny, tmp_path / "cut", "--max-steps", "6", *common, "--resume") == 0
+    assert held_rows(tmp_path / "cut") == held_rows(tmp_path / "full")  # the base is not logged again
+    names = sorted(p.name for p in (tmp_path / "full" / "loras").iterdir())
+    assert sorted(p.name for p in loras.iterdir()) == names
+    for name in names:
+        assert same_lora(loras / name, tmp_path / "full" / "loras" / name), name
+    assert (loras / "best").resolve().name == (tmp_path / "full" / "loras" / "best").resolve().name
+
+
+def test_eval_py_samples_as_the_run_trained_and_refuses_a_contradicting_flag(tiny_sdxl, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A DMD2-style run (LCM at --timestep 399): eval.py --lora RUN samples what the stock pipeline with
+    timesteps=[399] and the LoRA samples, and so does the model card's code."""
+    import numpy as np
+
+    import eval as ev
+
+    model = with_scheduler(tiny_sdxl, tmp_path / "dmd2", "LCMScheduler")
+    assert run(model, tmp_path / "run", "--max-steps", "2", "--lr", "3e-2", "--sample-every", "0",
+               "--timestep", "399") == 0
+    (tmp_path / "p.txt").write_text("a snowy owl\n")
+    base = ["--lora", str(tmp_path / "run"), "--reward", "brightness", "--prompts", str(tmp_path / "p.txt"),
+            "--seeds", "2"]
+    assert ev.main(base + ["--out", str(tmp_path / "ev")]) == 0
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["settings"]["timestep"] == 399 and res["settings"]["model"] == model
+    stock = pipeline(model, tmp_path / "run")
+    want = [np.asarray(stock("a snowy owl", latents=torch.randn((1, 4, 16, 16), generator=torch.Generator()
+                                                                .manual_seed(s)), timesteps=[399],
+                             guidance_scale=0.0).images[0], dtype=np.float64).mean() / 255 for s in range(2)]
+    assert res["scores"]["brightness"]["run"]["mean"] == pytest.approx(np.mean(want), abs=1e-4)
+    # the model card's code is the stock call that samples this: run it on a known global noise
+    card = (tmp_path / "run" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "timesteps=[399]" in code and "guidance_scale=0.0" in code
+    torch.manual_seed(11)
+    z = torch.randn((1, 4, 16, 16))
+    torch.manual_seed(11)
+    ns = {}
+    exec(code.replace('"a photo of a cat"', '"a snowy owl"'), ns)
+    mine = lora_generator(model, tmp_path / "run", timestep=399)
+    got = np.asarray(drpo.sample_images(mine, ["a snowy owl"], z)[0], dtype=np.float64)
+    assert np.abs(np.asarray(ns["image"], dtype=np.float64) - got).max() <= 1
+    # a flag that contradicts the run is refused, naming both values, before anything loads
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model first"))
+    assert ev.main(base + ["--timestep", "999", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "--timestep 999" in err and "399" in err and "--override" in err and not (tmp_path / "no").exists()
+    monkeypatch.undo()
+    assert ev.main(base + ["--timestep", "999", "--override", "--out", str(tmp_path / "over")]) == 0
+    assert json.loads((tmp_path / "over" / "results.json").read_text())["settings"]["timestep"] == 999
+
+
+def test_lora_off_nests_and_the_outermost_switches_the_lora_back_on(tiny):
+    """The held-out base is scored under lora_off, and the teacher features inside switch it off again."""
+    model = drpo.load_generator(tiny)
+    params = drpo.add_lora(model.net, 4, 4, ["to_q", "to_v"])
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))  # a LoRA that changes the samples
+    z, cond = torch.randn((1, 4, 16, 16)), model.conditioning(["a cat"], 128)
+    step = lambda: drpo.one_step(model.net, z, cond, model.recipe)
+    with torch.no_grad():
+        on = step()
+        with drpo.lora_off(model.net):
+            base = step()
+            with drpo.lora_off(model.net):
+                pass
+            after_inner = step()
+        again = step()
+    assert (on - base).abs().max() > 1e-3
+    assert torch.equal(after_inner, base) and torch.equal(again, on)
+
+
+def test_eval_py_checks_the_lora_shapes_before_any_model_loads(tiny, tiny_sdxl, tmp_path, capsys, monkeypatch):
+    import eval as ev
+
+    assert run(tiny_sdxl, tmp_path / "xl", "--max-steps", "1", "--sample-every", "0") == 0
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before checking --lora"))
+    monkeypatch.setattr(drpo, "load_reward", lambda *a, **k: pytest.fail("loaded a reward before checking --lora"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert ev.main(["--model", tiny, "--override", "--lora", str(tmp_path / "xl"), "--prompts",
+                    str(tmp_path / "p.txt"), "--out", str(tmp_path / "ev")]) == 2
+    assert "another architecture" in capsys.readouterr().err
+
+
+def one_look(images, prompts):
+    """Minus the distance to flat mid-gray: a reward with one best look for every prompt and noise."""
+    import numpy as np
+    return torch.tensor([-np.abs(np.asarray(im, dtype=np.float64) / 255 - 0.5).mean() for im in images])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--eval-prompts", "{d}/missing.txt"], "--eval-prompts {d}/missing.txt: no such file"),
+    (["--eval-prompts", "{d}/empty.txt"], "--eval-prompts {d}/empty.txt has no prompts"),
+    (["--eval-prompts", "{d}/latin1.txt"], "--eval-prompts {d}/latin1.txt is not UTF-8"),
+    (["--prompts", "{d}/latin1.txt"], "--prompts {d}/latin1.txt is not UTF-8"),
+    (["--eval-reward", "nosuch"], "--eval-reward nosuch"),
+    (["--eval-every", "-1"], "--eval-every must be 0 (off) or positive"),
+    (["--eval-seeds", "0"], "--eval-seeds must be at least 1"),
+    (["--save-lora-every", "0"], "--save-lora-every must be at least 1"),
+    (["--eval-reward", "geneval"], "--eval-prompts evaluation_metadata.jsonl"),
+    (["--pairs", "{d}/pairs.jsonl", "--eval-every", "5"], "--eval-reward"),
+])
+def test_bad_watch_settings_are_refused_before_loading(tiny, tmp_path, capsys, monkeypatch, flags, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "latin1.txt").write_bytes("une forêt enneigée\n".encode("latin-1"))
+    write_image(tmp_path / "c.png", 220)
+    write_image(tmp_path / "r.png", 30)
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "c.png", "rejected": "r.png"}\n')
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    flags = [f.format(d=tmp_path) for f in flags]
+    argv = ["--model", tiny, "--output-dir", str(tmp_path / "o"), "--candidates", "4", "--n-pos", "1", "--n-neg",
+            "1", "--max-steps", "1", *([] if "--pairs" in flags else ["--reward", "brightness"]), *flags]
+    assert drpo.main(argv) == 2
+    assert message.format(d=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pairs_run_without_an_eval_reward_has_no_heldout_eval(tiny, tmp_path):
+    write_image(tmp_path / "c.png", 220)
+    write_image(tmp_path / "r.png", 30)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "c.png", "rejected": "r.png"}\n')
+    argv = ["--model", tiny, "--pairs", str(tmp_path / "p.jsonl"), "--candidates", "4", "--n-pos", "1", "--n-neg",
+            "1", "--max-steps", "2", "--sample-every", "0"]
+    assert drpo.main(argv + ["--output-dir", str(tmp_path / "off")]) == 0
+    assert held_rows(tmp_path / "off") == []
+    (tmp_path / "held.txt").write_text(HELD)
+    assert drpo.main(argv + ["--output-dir", str(tmp_path / "on"), "--eval-reward", "brightness", "--eval-prompts",
+                             str(tmp_path / "held.txt"), "--eval-seeds", "2"]) == 0
+    assert [r["step"] for r in held_rows(tmp_path / "on")] == [0, 2]
+
+
+def test_a_one_look_reward_makes_the_diversity_fall_and_the_random_control_does_not(tiny, tmp_path):
+    """benchmarks/collapse_check.py in small: the spread of a prompt's candidates falls under a reward
+    with one best look and stays near the base under the random reward."""
+    (tmp_path / "held.txt").write_text(HELD)
+    spread = {}
+    for reward in ("test_drpo:one_look", "random"):
+        out = tmp_path / reward.split(":")[-1]
+        assert run(tiny, out, "--max-steps", "20", "--sample-every", "0", "--eval-every", "20", "--eval-reward",
+                   "brightness", "--eval-prompts", str(tmp_path / "held.txt"), reward=reward) == 0
+        rows = [r for r in metrics_of(out) if "spread_candidates" in r]
+        spread[reward] = (sum(r["spread_candidates"] for r in rows[-3:]) / sum(r["spread_candidates"]
+                                                                              for r in rows[:3]),
+                          held_rows(out)[-1]["eval/spread_seeds_vs_base"])
+    assert spread["test_drpo:one_look"][0] < 0.9 * spread["random"][0], spread
+    assert spread["test_drpo:one_look"][1] < 0.9 * spread["random"][1], spread
+
 
 
 # ---------------------------------------------------------------- pictures ----------------

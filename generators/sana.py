@@ -69,7 +69,8 @@ def generator(pipe, timestep=None):
         pipe=pipe, net=pipe.transformer, name="transformer", recipe=one_step_recipe(d["max_timesteps"]),
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: SANA takes no size input
         teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers)),
-        encode=lambda images: pipe.vae.encode(images).latent)
+        encode=lambda images: pipe.vae.encode(images).latent,
+        stock_call=dict(num_inference_steps=1, intermediate_timesteps=None, use_resolution_binning=False))
 
 
 TIMESTEP = ("--timestep: SANA-Sprint's one step starts at the pure-noise end of TrigFlow (max_timesteps = 1.5708, "
