@@ -1160,9 +1160,10 @@ def image_grid(images, cols):
 STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates")
 CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
-RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts", "grid_noises", "device", "reward_device",
-               "grad_chunk", "gradient_checkpointing", "reward_batch", "grad_accum", "world_size", "resume", "force",
-               "overwrite", "output_dir", "mae_ckpt", "dinov2", "forced_changes", *REWARD_PATHS}
+RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
+               "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
+               "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
+               "forced_changes", *REWARD_PATHS}
 
 
 def load_checkpoint(path):
@@ -1441,13 +1442,13 @@ def build_parser():
     g.add_argument("--save-lora-every", type=int, default=100, help="keep the LoRA of every N-th update (and of the "
                    "last) in loras/step_N/, a folder to load or upload, with its model card")
     g = p.add_argument_group("held-out evaluation (docs/running.md, \"Watching a run\")")
-    g.add_argument("--eval-every", type=int, help="every N updates, score fixed held-out (prompt, seed) images as eval.py "
-                   "does, the base at update 0, and keep the best update in loras/best; 0 = off (default: 25; off "
-                   "with --pairs unless --eval-reward is given)")
-    g.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: prompts/heldout.txt, "
-                   "none of them a built-in training prompt)")
-    g.add_argument("--eval-reward", help="rewards to watch, a --reward spec whose members are each logged as eval/NAME; "
-                   "the first picks loras/best (default: the training reward; required with --pairs)")
+    g.add_argument("--eval-every", type=int, help="every N updates, score fixed held-out (prompt, seed) images as "
+                   "eval.py does, the base at update 0, and keep the best update in loras/best; 0 = off (default: 25; "
+                   "off with --pairs unless --eval-reward is given)")
+    g.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: "
+                   "prompts/heldout.txt, none of them a built-in training prompt)")
+    g.add_argument("--eval-reward", help="rewards to watch, a --reward spec whose members are each logged as "
+                   "eval/NAME; the first picks loras/best (default: the training reward; required with --pairs)")
     g.add_argument("--eval-seeds", type=int, default=4, help="noises per held-out prompt: seeds 0 .. N-1, as eval.py's")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
                    "refused if a setting that shapes the run changed (docs/running.md)")

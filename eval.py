@@ -203,8 +203,9 @@ class Watch:
             Path(args.output_dir)
         self.prompts = drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
         self.noises = seed_noises(model, args.resolution, range(args.eval_seeds))
-        self.metrics = metrics_of(args.eval_reward or args.reward, reward, device, args.reward_batch, drpo.precision_dtype(
-            args.reward_precision, device), geneval_metadata=args.eval_prompts, **paths)
+        self.metrics = metrics_of(args.eval_reward or args.reward, reward, device, args.reward_batch,
+                                  drpo.precision_dtype(args.reward_precision, device),
+                                  geneval_metadata=args.eval_prompts, **paths)
         self.first, self.best, self.last = f"eval/{next(iter(self.metrics))}", (None, -math.inf), None
         with drpo.lora_off(model.net):
             self.base = self.score()
@@ -283,16 +284,17 @@ def check_watch(args):
 def model_card(args, model, step, heldout, folder):
     """A LoRA folder's README.md, laid out like the model cards of the diffusers LoRA training scripts (YAML
     metadata, then text): the stock call that samples what training sampled, the reward, the updates done."""
-    base, side = drpo.resolve_model(args.model), drpo.latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
+    base = drpo.resolve_model(args.model)
+    side = drpo.latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
     call, hub = {**model.stock_call, "height": side, "width": side}, not Path(base).exists()  # hub: a hub id
     figures = ", ".join(f"`{k}` {v:.4g}" for k, v in (heldout or {}).items() if k.startswith("eval/"))
+    signal = f"the reward `{args.reward}`" if args.reward else f"the preference pairs of `{args.pairs}`"
     return "\n".join([
         "---", *([f"base_model: {base}"] if hub else []), "library_name: diffusers", "tags:", "- text-to-image",
         "- diffusers", "- lora", "- drpo", "inference: true", "---", "",
         f"# DrPO LoRA for {base}", "",
         f"LoRA weights for `{base}` ({type(model.pipe).__name__}), finetuned with DrPO (Drifting Preference "
-        f"Optimization, arXiv 2606.02521) toward {f'the reward `{args.reward}`' if args.reward else f'the preference pairs of `{args.pairs}`'}, "
-        f"after {step} updates.", "",
+        f"Optimization, arXiv 2606.02521) toward {signal}, after {step} updates.", "",
         "## How to use", "", "```python", f"from diffusers import {type(model.pipe).__name__}",
         f"pipe = {type(model.pipe).__name__}.from_pretrained({base!r})",
         f"pipe.load_lora_weights({str(folder)!r})",
@@ -304,7 +306,8 @@ def model_card(args, model, step, heldout, folder):
         f"- K = {args.candidates} candidates per prompt, {args.n_pos} positives / {args.n_neg} negatives, features "
         f"`{args.features}`, lr {args.lr}, seed {args.seed}",
         f"- held-out evaluation (update {heldout['step']}): {figures}" if figures else "- no held-out evaluation yet",
-        "- every setting of the run: the run folder's config.json", ""])
+        "- every setting of the run: the run folder's config.json; the optimizer state that `--resume` needs is "
+        "its checkpoint.pt, kept out of LoRA folders so that what is shared holds the weights only", ""])
 
 
 def paired_stats(base, tuned, resamples=10_000, seed=0):
