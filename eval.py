@@ -513,7 +513,8 @@ def build_parser():
     p.add_argument("--paper-scales", action="store_true", help="report ImageReward x10 as the paper's tables do "
                    "(PickScore and aesthetic are reported as computed)")
     p.add_argument("--max-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--seeds", type=int, default=4, help="noises per prompt: seeds 0 .. N-1")
+    p.add_argument("--seeds", type=int, help="noises per prompt: seeds 0 .. N-1 (default: the run's --eval-seeds, "
+                   "else 4)")
     p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the run's, else the model's native "
                    "size)")
@@ -562,6 +563,7 @@ def evaluate(args):
         check_lora(network, folder)
     if not args.prompts and not args.geneval:  # the runs' held-out prompts, else the shipped held-out list
         args.prompts = next((c.get("eval_prompts") for c in runs.values() if c.get("eval_prompts")), None) or HELDOUT
+    args.seeds = args.seeds or next((c["eval_seeds"] for c in runs.values() if c.get("eval_seeds")), 4)
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval = drpo.beside("rewards.geneval")

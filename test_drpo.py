@@ -1893,12 +1893,12 @@ def test_heldout_eval_equals_eval_py_on_each_snapshot_and_leaves_training_bitwis
     assert same_lora(loras / "step_000010", tmp_path / "watched")
     best = max(held, key=lambda r: r["eval/brightness"])["step"]
     assert held[-1]["best_step"] == best and (loras / "best").resolve() == (loras / f"step_{best:06d}").resolve()
-    # eval.py on every snapshot, reading the run's model and held-out prompts: the same figures
+    # eval.py on every snapshot, reading the run's model, held-out prompts and seeds: the same figures
     out = tmp_path / "ev"
-    assert ev.main(["--lora", str(tmp_path / "watched"), "--snapshots", "--reward", "brightness", "--seeds", "3",
-                    "--out", str(out)]) == 0
+    assert ev.main(["--lora", str(tmp_path / "watched"), "--snapshots", "--reward", "brightness", "--out",
+                    str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["prompts"] == HELD.splitlines() and (out / "steps.png").is_file()
+    assert res["prompts"] == HELD.splitlines() and res["seeds"] == [0, 1, 2] and (out / "steps.png").is_file()
     scores = res["scores"]["brightness"]
     assert scores["base"]["mean"] == pytest.approx(held[0]["eval/brightness"], abs=1e-4)
     for r in held:
