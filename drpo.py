@@ -3,7 +3,7 @@
 A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one-step
 generators too: DMD2, SDXL-Lightning, SANA-Sprint; docs/models.md).
 
-    python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting
+    python drpo.py --model sd-turbo --reward hpsv3          # the paper's but 2 defaults (section 5)
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
     torchrun --nproc_per_node 4 drpo.py --model sd-turbo --reward hpsv3 --grad-accum 8        # the paper's 4 GPUs
     python drpo.py --model sdxl-turbo --pairs pairs.jsonl     # offline: preference pairs instead of a reward
@@ -93,7 +93,7 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
 
     gen (B,N,D) generated features, pos (B,P,D) attractors, neg (B,M,D) repellers; the current
     sample cloud gen is always a repeller too. Returns V (B,N,D) in units of sigma, and sigma
-    (a 0-d tensor). Nothing here carries a gradient.
+    (a 0-d tensor), both detached: V is a target, never differentiated.
     """
     _check_sets(gen, pos, neg, radii, kernel)
     X = gen.detach().float()
@@ -103,16 +103,17 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
     w_neg = _anchor_weights(neg_weight, B, M, "neg_weight", X.device)
     w_pos = _anchor_weights(pos_weight, B, Yp.shape[1], "pos_weight", X.device)
 
-    # Targets T = [X, Y-, Y+] with weights [1, w-, w+] (step 1).
+    # Targets T = [X, Y-, Y+] with weights [1, w-, w+].
     T = torch.cat([X, Yn, Yp], dim=1)
     omega = torch.cat([torch.ones(B, N, device=X.device), w_neg, w_pos], dim=1)
 
-    # Pairwise distances, clamped before the sqrt so that d(x, x) has a finite gradient (step 2).
+    # Pairwise distances; rounding can make d(x, x)^2 slightly negative, hence the clamp before the sqrt.
     sq = (X * X).sum(-1, keepdim=True) + (T * T).sum(-1).unsqueeze(1) - 2 * X @ T.transpose(1, 2)
-    dist = sq.clamp_min(1e-8).sqrt()  # (B, N, N+M+P)
+    d = sq.clamp_min(1e-8).sqrt()  # (B, N, N+M+P)
 
-    # One scale for the whole batch: the weighted mean distance (step 3).
-    s = ((dist * omega.unsqueeze(1)).mean() / omega.mean()).clamp_min(1e-3)
+    # Two scales from one number: s, the weighted mean distance, sets the kernel radii (tau is a fraction of s);
+    # sigma = s / sqrt(D), the typical size of one coordinate, is the unit of X, T and V (a D-free loss scale).
+    s = ((d * omega.unsqueeze(1)).mean() / omega.mean()).clamp_min(1e-3)
     sigma = (s / math.sqrt(D)).clamp_min(1e-3)
     Xs, Ts = X / sigma, T / sigma
 
@@ -120,14 +121,14 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
         cos = F.normalize(X, dim=-1) @ F.normalize(T, dim=-1).transpose(1, 2)
     idx = torch.arange(N, device=X.device)
     V = torch.zeros_like(Xs)
-    for tau in radii:  # step 4
+    for tau in radii:
         if kernel in ("laplacian", "exponential"):
-            logits = -dist / (s * tau)
+            logits = -d / (s * tau)
         elif kernel == "rbf":
-            logits = -0.5 * (dist / (s * tau)) ** 2
+            logits = -0.5 * (d / (s * tau)) ** 2
         else:
             logits = cos / tau
-        # A sample never interacts with itself (nor with its own copy among the negatives).
+        # Self-pairs (with mask_neg_self also own copies) sink to the clamp's floor below: no force, ~no mass.
         logits = logits.clone()
         logits[:, idx, idx] -= 100.0 / tau
         if mask_neg_self:
@@ -139,6 +140,7 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
         # Dipole: repulsion weighted by the positive mass, attraction by the negative mass.
         c = torch.cat([-A_neg * m_pos, A_pos * m_neg], dim=-1)
         force = c @ Ts - c.sum(-1, keepdim=True) * Xs
+        # Each radius's force at unit RMS: |V| is fixed, so the loss mean(V^2) stays flat; V's direction learns.
         V = V + force / force.pow(2).mean().clamp_min(1e-8).sqrt()
     return V, sigma
 
@@ -349,14 +351,14 @@ def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
     features of the samples and the base samples, prompt by prompt; fa: of as many anchors per prompt (offline
     pairs) or None; pos_idx, neg_idx: (B, n) indices into a prompt's K samples, then its anchors."""
     B = pos_idx.shape[0]
-    rows = torch.arange(B, device=pos_idx.device)[:, None]
+    i = torch.arange(B, device=pos_idx.device)[:, None]  # each prompt's row
     gen, pos, neg, ref = {}, {}, {}, {}
     for key, f in fx.items():
         f = f.detach().view(B, -1, *f.shape[1:])  # (B, K, T, D)
         gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
         if fa is not None:  # each prompt's anchors follow its K samples
             f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)
-        pos[key], neg[key] = f[rows, pos_idx].flatten(1, 2), f[rows, neg_idx].flatten(1, 2)
+        pos[key], neg[key] = f[i, pos_idx].flatten(1, 2), f[i, neg_idx].flatten(1, 2)
     return gen, pos, neg, ref
 
 
@@ -369,6 +371,8 @@ def train(args, stop_asked=()):
     # One process, or one of `world` under torchrun: each runs every world-th micro-step, then one
     # all-reduce sums the LoRA gradients (docs/scaling.md); rank 0 writes all outputs.
     rank, world, local_rank = init_distributed()
+    with all_or_none(world):  # every setting, before any model loads (each process checks; the first to fail speaks)
+        check_args(args, world)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
@@ -387,7 +391,7 @@ def train(args, stop_asked=()):
         if args.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         phi = load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
-                            layers=args.teacher_layers and args.teacher_layers.split(","))
+                            dtype=dtype, layers=args.teacher_layers and args.teacher_layers.split(","))
         shape = latent_shape(model, args.resolution)
         side = shape[-1] * model.pipe.vae_scale_factor  # image side in pixels
         if pairs:  # offline preference pairs: each image VAE-encoded once, kept in memory
@@ -407,7 +411,7 @@ def train(args, stop_asked=()):
     K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
     n_micro = args.grad_accum * world  # micro-steps per update, over all processes
 
-    # All randomness of the loop (prompt order, noises) comes from one generator saved in checkpoints.
+    # All randomness of the loop (prompt order, noises) comes from one torch.Generator, saved in checkpoints.
     rng = torch.Generator().manual_seed(args.seed)
     grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
     step, order = start_or_resume(args, net, optimizer, rng, rank, world)
@@ -508,7 +512,7 @@ def train(args, stop_asked=()):
         saved = watch and (step % args.eval_every == 0 or step == args.max_steps) and watch(step)  # a new best: saved
         if rank == 0:  # one writer: rank 0 logs, samples and saves
             if not saved and (step % args.save_lora_every == 0 or step == args.max_steps or stop):
-                save_snapshot(out, model, args, step, watch and watch.last)
+                beside("eval").save_snapshot(out, model, args, step, watch and watch.last)
             if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
                 with autocast:
                     grid = image_grid(sample_images(model, prompts[:args.grid_prompts], grid_noises), len(grid_noises))
@@ -600,27 +604,62 @@ def teacher_features(net, layers, t=100, c_in=1.0, noise_level=0.1):
 FEATURES = ("teacher", "mae", "latent", "dinov2")
 
 
-def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="facebook/dinov2-base", device="cpu"):
-    """A feature map phi(latents, noise=None, cond=None) -> {key: (B, T, D)} by name (see FEATURES) for the generator
-    model (load_generator). noise, cond (the latents' prompt conditioning) and layers (None: the model's default
-    blocks) are the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become
-    mean/std tokens here."""
+def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="facebook/dinov2-base", device="cpu",
+                  dtype=torch.float32):
+    """A feature map phi(latents, noise, cond) -> {key: (B, T, D)} for the generator model (load_generator): one of
+    FEATURES, or `module.path:function` (custom_code). noise (a unit draw like the latents) and cond (their prompt
+    conditioning rows) are passed to every map; the teacher uses them. layers (None: the model's default blocks) are
+    the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens."""
     if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
         t, c_in, default = model.teacher
         return teacher_features(model.net, layers or default, t, c_in)
     if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
-        return lambda latents, noise=None, cond=None: map_stats(latents, "latent")
+        return lambda latents, noise, cond: map_stats(latents, "latent")
     if name == "mae":  # the paper's: the latent-MAE encoder's last map
         encode = beside("features.mae").mae_encoder(mae_ckpt, device)
-        return lambda latents, noise=None, cond=None: map_stats(encode(latents), "layer4")
+        return lambda latents, noise, cond: map_stats(encode(latents), "layer4")
     if name == "dinov2":  # decode with the VAE (with gradient), then DINOv2's CLS token and patch statistics
         encode = beside("features.dinov2").dinov2_encoder(dinov2, device, model.pipe.vae.dtype)
 
-        def phi(latents, noise=None, cond=None):
+        def phi(latents, noise, cond):
             cls, grid = encode(decode(model.pipe.vae, latents))
             return {"dinov2_cls": cls, **map_stats(grid, "dinov2")}
         return phi
-    raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURES)}")
+    if ":" in name:
+        return custom_code(name, "--features")(device, dtype)
+    raise ValueError(f"--features {name}: unknown feature map; choose one of {', '.join(FEATURES)}, or "
+                     f"`module.path:function` for your own (docs/features.md)")
+
+
+class UserCodeError(RuntimeError):
+    """An exception raised in the user's own reward or feature map, chained to it: Python shows its traceback."""
+
+
+def custom_code(spec, flag):
+    """`module.path:function` of --reward / --features, imported now -> make(device, dtype): the function, or for
+    `module.path:factory()` what factory(device=..., dtype=...) returns (the run's, e.g. to place a network once).
+    A missing module or function is a one-line error; an exception in the user's code, a UserCodeError."""
+    module, _, attr = spec.removesuffix("()").partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except Exception as e:  # unless the module itself is missing, its own code (or an import of it) failed
+        if not (isinstance(e, ModuleNotFoundError) and f"{module}.".startswith(f"{e.name}.")):
+            raise UserCodeError(f"{flag} {spec}: importing {module} raised {type(e).__name__}: {e}") from e
+        raise ValueError(f"{flag} {spec}: no module {module!r} on the Python path; run from its folder or add that "
+                         f"folder to PYTHONPATH") from e
+    if not callable(fn):
+        raise ValueError(f"{flag} {spec}: {module} has no function {attr!r}; name one of its functions after the colon")
+    users = lambda f: functools.partial(call_users_code, f, f"{flag} {spec}")
+    return lambda device, dtype: users(users(fn)(device=device, dtype=dtype) if spec.endswith("()") else fn)
+
+
+def call_users_code(fn, where, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise  # out of GPU memory, wherever: explain_out_of_memory says what to do
+    except Exception as e:
+        raise UserCodeError(f"{where} raised {type(e).__name__}: {e}") from e
 
 
 def brightness_reward(images, prompts):
@@ -698,17 +737,12 @@ def parse_reward_spec(spec):
             name, weight = head or member, float(tail)
         if name in REWARDS:
             parsed.append((name, REWARDS[name], weight))
-            continue
-        if ":" not in name:
+        elif ":" in name:
+            parsed.append((name, lambda device, dtype, _, make=custom_code(name, "--reward"): make(device, dtype),
+                           weight))
+        else:
             raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}, "
                              f"or `module.path:function` for your own, or a comma list of these")
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"custom reward {name!r}: cannot import function {attr!r} from module {module!r} "
-                             f"({e}); make sure the module is on PYTHONPATH") from e
-        parsed.append((name, lambda *_, fn=fn: fn, weight))
     if not parsed:
         raise ValueError("--reward is empty; name a reward such as brightness, jpeg or hpsv3")
     return parsed
@@ -776,39 +810,6 @@ def save_lora(model, out_dir, card):
     type(model.pipe).save_lora_weights(out_dir, **{f"{model.name}_lora_layers": convert_state_dict_to_diffusers(
         lora_state(model.net)), f"{model.name}_lora_adapter_metadata": model.net.peft_config["default"].to_dict()})
     (Path(out_dir) / "README.md").write_text(card)
-
-
-def save_snapshot(out, model, args, step, heldout, best=False):
-    """loras/step_NNNNNN/: the LoRA of this update and its card, a folder to upload or load (no optimizer state: that
-    is in the run folder's checkpoint.pt). Written aside first, so a full disk loses no earlier snapshot; with
-    best, loras/best (a relative symlink) then points to it."""
-    snap = out / "loras" / f"step_{step:06d}"
-    tmp = snap.with_name(f".{snap.name}.saving")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_lora(model, tmp, beside("eval").model_card(args, model, step, heldout, snap))
-        shutil.rmtree(snap, ignore_errors=True)
-        os.replace(tmp, snap)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise disk_full(out, step) from e
-        raise
-    if best:
-        point_best(out, step)
-
-
-def point_best(out, step):
-    """loras/best -> step_NNNNNN, replaced atomically (None: removed)."""
-    link, tmp = out / "loras" / "best", out / "loras" / ".best.link"
-    tmp.unlink(missing_ok=True)
-    if link.is_dir() and not link.is_symlink():  # a copy (a run folder copied without symlinks)
-        shutil.rmtree(link)
-    if step is None:
-        return link.unlink(missing_ok=True)
-    os.symlink(f"step_{step:06d}", tmp)
-    os.replace(tmp, link)
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo",
@@ -885,11 +886,10 @@ def load_generator(model, dtype=torch.float32, device="cpu", timestep=None):
 
 
 def unet_generator(pipe, timestep=None):
-    """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields.
-    net: the trainable network, pipe.<name>; conditioning(prompts, side): its keyword inputs, a row per prompt;
-    recipe: one_step's; teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] ->
-    latents before the VAE's scaling factor; stock_call: the keywords of the stock pipeline's call that sample
-    what one_step does (besides height, width and the prompt)."""
+    """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields. net: the
+    trainable network, pipe.<name>; conditioning(prompts, side): its keywords, a row per prompt; recipe: one_step's;
+    teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] -> latents before the VAE's
+    scaling factor; stock_call: the stock pipeline's call keywords that sample what one_step does (but size, prompt)."""
     return types.SimpleNamespace(pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(
                                  unet_conditioning, pipe), recipe=one_step_recipe(pipe.scheduler, timestep),
                                  teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0")),
@@ -952,14 +952,17 @@ def init_distributed():
     return dist.get_rank(), world, local_rank
 
 
-def reward_device_of(spec, device, local_rank):
-    """--reward-device: None = the training device; `cuda:+N` = N GPUs after this process's own
-    (rank-relative under torchrun); anything else as given."""
-    if spec is None:
-        return device
-    if spec.startswith("cuda:+"):
-        return torch.device("cuda", local_rank + int(spec[len("cuda:+"):]))
-    return torch.device(spec)
+def reward_device_of(spec, device, local_rank, flag="--reward-device"):
+    """--reward-device (or flag): None = device; `cuda:+N` = N GPUs after this process's own (rank-relative under
+    torchrun); anything else as given. Refused, naming flag, if this torch cannot use it."""
+    try:
+        found = spec and (torch.device("cuda", local_rank + int(spec[6:])) if spec.startswith("cuda:+") else
+                          torch.device(spec))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{flag} {spec}: not a torch device ({str(e)[:50]}...); use e.g. cpu, cuda or cuda:1") from e
+    if found and found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {spec}: this torch build sees no CUDA GPU; use cpu or install a CUDA build of torch")
+    return found or device
 
 
 class PeerFailed(RuntimeError):
@@ -1054,22 +1057,12 @@ def explain_out_of_memory(lap, device, out):
                           f"on its own GPU), a smaller --reward-batch; then continue with --resume") from e
 
 
-DEFAULT_PROMPTS = [
-    "a photo of a red fox in a snowy forest", "a bowl of ramen on a wooden table, studio lighting",
-    "an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse at dusk",
-    "a cozy cabin in the mountains, golden hour", "a portrait of an old fisherman, dramatic light",
-    "a futuristic city skyline at night, neon reflections", "a corgi wearing sunglasses on a beach",
-    "a still life of sunflowers in a blue vase", "a steampunk airship above the clouds",
-    "a macro photo of a dew drop on a leaf", "a knight in ornate armor in a cathedral",
-    "a cup of coffee with latte art, top view", "an ancient temple overgrown by jungle",
-    "a hot air balloon festival over a desert", "a robot reading a book in a library",
-]
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "train.txt"  # 16 built-in training prompts
 
 
 def read_prompts(path, flag="--prompts"):
     """--prompts (or flag): one prompt per line, or for a .jsonl file each line's "prompt" (GenEval's metadata)."""
-    if path is None:
-        return list(DEFAULT_PROMPTS)
+    path = path or DEFAULT_PROMPTS
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag} {path}: no such file; give a text file with one prompt per line")
     try:
@@ -1283,6 +1276,16 @@ def check_model(model, resolution=None, timestep=None, features=None, layers=Non
                              f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
 
 
+def check_reward_paths(a, rewards):
+    """The weight-file flags (REWARD_PATHS) given in a (vars of the arguments): each exists, a used reward's."""
+    for key in (k for k in REWARD_PATHS if a[k]):
+        if key.split("_")[0] not in rewards:
+            raise ValueError(f"--{key.replace('_', '-')} is a weight file of the {key.split('_')[0]} reward, which no "
+                             f"--reward uses; drop it or add {key.split('_')[0]} to the rewards")
+        if not Path(a[key]).exists():
+            raise FileNotFoundError(f"--{key.replace('_', '-')} {a[key]}: no such file or folder")
+
+
 def check_args(args, world=1):
     """Check every setting before any model loads: a typo should cost seconds, not a download."""
     a = vars(args)
@@ -1292,8 +1295,8 @@ def check_args(args, world=1):
              lambda v: v >= 1, "at least 1"),
             (("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"),
              lambda v: v > 0, "positive"),
-            (("lambda_ref", "grad_chunk", "sample_every", "eval_every"), lambda v: v is None or v >= 0,
-             "0 (off) or positive"),
+            (("lambda_ref", "grad_chunk", "sample_every", "eval_every", "weight_decay"), lambda v: v is None or v >= 0,
+             "0 (off) or positive"), (("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
             (("radii", "ref_radii"), lambda v: v and all(r > 0 for r in v), "positive numbers, e.g. 0.02,0.05,0.2")):
         for name in (n for n in names if not ok(a[n])):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {a[name]}")
@@ -1310,14 +1313,8 @@ def check_args(args, world=1):
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
                               f"--overwrite to start over there, or choose a new folder")
-    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu or install "
-                         f"a CUDA build of torch")
-    if args.reward_device:
-        try:
-            reward_device_of(args.reward_device, torch.device("cpu"), 0)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"--reward-device {args.reward_device}: {e}; use e.g. cpu, cuda, cuda:1 or cuda:+1") from e
+    reward_device_of(args.device, None, 0, "--device")  # a bad --device or --reward-device, said now
+    reward_device_of(args.reward_device, None, 0)
     if args.pairs and (args.reward or args.prompts):
         raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the preferences); "
                          "drop " + " and ".join(f for f in ("--reward", "--prompts") if getattr(args, f[2:])))
@@ -1325,17 +1322,21 @@ def check_args(args, world=1):
         read_pairs(args.pairs)
     args.reward = None if args.pairs else args.reward or "hpsv3"
     rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward else []
-    for key in REWARD_PATHS:
-        if key.split("_")[0] in rewards and a[key] and not Path(a[key]).exists():
-            raise FileNotFoundError(f"--{key.replace('_', '-')} {a[key]}: no such file or folder")
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
     beside("eval").check_watch(args)  # --eval-*: the held-out evaluation's settings and files
+    check_reward_paths(a, [n for r in (args.reward, args.eval_reward) if r for n, _, _ in parse_reward_spec(r)])
+    if args.features not in FEATURES:  # a custom map is imported now; an unknown name is refused by load_features
+        custom_code(args.features, "--features") if ":" in args.features else load_features(args.features)
+    for flag, features in (("mae_ckpt", "mae"), ("teacher_layers", "teacher")):
+        if a[flag] and args.features != features:
+            raise ValueError(f"--{flag.replace('_', '-')} is for --features {features}, not {args.features}: drop it")
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
     check_model(args.model, args.resolution, args.timestep, args.features, args.teacher_layers)
+    beside("eval").check_targets(args.model, args.lora_targets)  # from the network's config, without weights
     ckpt = out / "checkpoint.pt"
     if args.resume and (ckpt.exists() or (out / "checkpoint.prev.pt").exists()):
         load_checkpoint(ckpt)  # missing (a cut save), damaged or foreign: said now, before any model loads
@@ -1354,7 +1355,8 @@ def check_args(args, world=1):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Command line. Defaults are the published SD-Turbo setting.
+# 5. Command line. Defaults are the published SD-Turbo setting but two: --features teacher (no extra download; the
+# paper's mae needs --mae-ckpt) and --grad-accum 8, the paper's per GPU (it ran 4 GPUs; one GPU: 32). docs/choices.md
 # ----------------------------------------------------------------------------------------
 
 
@@ -1412,9 +1414,9 @@ def build_parser():
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
-    g.add_argument("--features", choices=FEATURES, default="teacher", help="feature map phi (docs/features.md): "
-                   "`teacher` = blocks of the frozen generator, no extra weights; `mae` reproduces the paper (needs "
-                   "--mae-ckpt; 4-channel latents only)")
+    g.add_argument("--features", default="teacher", help=f"feature map phi, {', '.join(FEATURES)} or `module:function` "
+                   "(docs/features.md): `teacher` = blocks of the frozen generator, no extra weights; `mae` reproduces "
+                   "the paper (needs --mae-ckpt; 4-channel latents only)")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
     g.add_argument("--teacher-layers", help="blocks for --features teacher (default: SD/SDXL down_blocks.-1,mid_block,"
                    "up_blocks.0; SANA-Sprint: transformer_blocks at 1/4, 1/2, 3/4 depth)")
@@ -1431,7 +1433,7 @@ def build_parser():
     g.add_argument("--grad-chunk", type=int, default=0, help="0 = all K in one pass (fastest); C < K: recompute and "
                    "regress C candidates at a time, the same update in flat memory (docs/cost.md)")
     g.add_argument("--prompts", help="one prompt per line, or .jsonl with a \"prompt\" per line (e.g. GenEval's "
-                   "evaluation_metadata.jsonl, needed by --reward geneval); default: a small built-in list")
+                   "evaluation_metadata.jsonl, needed by --reward geneval); default: prompts/train.txt, 16 prompts")
     g.add_argument("--seed", type=int, default=42, help="seed of the LoRA initialization, prompt order and noises")
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="runs/drpo", help="LoRA, config, metrics, curves, sample grids, checkpoint")
@@ -1461,8 +1463,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world, _ = init_distributed()
     try:
-        with all_or_none(world):  # every process checks; the first to fail speaks for all
-            check_args(args, world)
         with deferred_signals() as stop_asked:
             stopped_by = train(args, stop_asked)
     except PeerFailed:

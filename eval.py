@@ -36,11 +36,13 @@ images/ the images judged. Alone, it scores no rewards unless --reward is given.
 """
 import argparse
 import csv
+import errno
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +51,7 @@ import torch
 import drpo
 
 DEFAULT_REWARDS = "pickscore,aesthetic,clip,hpsv3"
-HELDOUT = Path(__file__).resolve().parent / "prompts" / "heldout.txt"  # no prompt of drpo.DEFAULT_PROMPTS
+HELDOUT = Path(__file__).resolve().parent / "prompts" / "heldout.txt"  # none of them in drpo.DEFAULT_PROMPTS
 RUN_SETTINGS = ("model", "timestep", "resolution")  # the settings of a drpo.py run that decide what it samples
 # Named prompt sets of the paper: hub dataset, split, column.
 PROMPT_SETS = {"parti": ("nateraw/parti-prompts", "train", "Prompt"),
@@ -87,6 +89,18 @@ def network_of(model):
     cls = getattr(diffusers, index[name][1])
     with torch.device("meta"):
         return name, cls.from_config(cls.load_config(path, subfolder=name))
+
+
+def check_targets(model, targets):
+    """drpo.py's --lora-targets: each must name a Linear or Conv2d of the network (peft's rule: the module's name or
+    its last dotted parts), checked on network_of(model) before any model loads."""
+    name, net = network_of(model)
+    layers = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for target in targets.split(","):
+        if not any(n == target or n.endswith("." + target) for n in layers):
+            known = sorted({re.sub(r"^.*?\.?([a-z_]+[a-z_0-9]*(\.\d+)?)$", r"\1", n) for n in layers})
+            raise ValueError(f"--lora-targets: {target!r} names no Linear or Conv2d layer of this {name}; its layers "
+                             f"end in {', '.join(known)}")
 
 
 def check_lora(network, folder):
@@ -217,7 +231,7 @@ class Watch:
             if rows:
                 top = max(rows, key=lambda row: row[self.first])  # the first of equals, as during the run
                 self.best, self.last = (top["step"], top[self.first]), rows[-1]
-                drpo.point_best(self.out, top["step"])
+                point_best(self.out, top["step"])
 
     def score(self):
         """({metric: (prompts * seeds,)}, (prompts,) spreads or None), every process's share gathered on all."""
@@ -258,7 +272,7 @@ class Watch:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(self.last) + "\n")
         if best:
-            drpo.save_snapshot(self.out, self.model, self.args, step, self.last, best=True)
+            save_snapshot(self.out, self.model, self.args, step, self.last, best=True)
         return best
 
 
@@ -279,6 +293,39 @@ def check_watch(args):
     if "geneval" in names and not str(args.eval_prompts).endswith(".jsonl"):
         raise ValueError("--eval-reward geneval (or a geneval training reward) needs --eval-prompts "
                          "evaluation_metadata.jsonl: GenEval reads each prompt's checks there")
+
+
+def save_snapshot(out, model, args, step, heldout, best=False):
+    """loras/step_NNNNNN/: the LoRA of this update and its card, a folder to upload or load (no optimizer state: that
+    is in the run folder's checkpoint.pt). Written aside first, so a full disk loses no earlier snapshot; with
+    best, loras/best (a relative symlink) then points to it."""
+    snap = out / "loras" / f"step_{step:06d}"
+    tmp = snap.with_name(f".{snap.name}.saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        drpo.save_lora(model, tmp, model_card(args, model, step, heldout, snap))
+        shutil.rmtree(snap, ignore_errors=True)
+        os.replace(tmp, snap)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise drpo.disk_full(out, step) from e
+        raise
+    if best:
+        point_best(out, step)
+
+
+def point_best(out, step):
+    """loras/best -> step_NNNNNN, replaced atomically (None: removed)."""
+    link, tmp = out / "loras" / "best", out / "loras" / ".best.link"
+    tmp.unlink(missing_ok=True)
+    if link.is_dir() and not link.is_symlink():  # a copy (a run folder copied without symlinks)
+        shutil.rmtree(link)
+    if step is None:
+        return link.unlink(missing_ok=True)
+    os.symlink(f"step_{step:06d}", tmp)
+    os.replace(tmp, link)
 
 
 def model_card(args, model, step, heldout, folder):
@@ -541,18 +588,23 @@ def snapshots_of(runs):
     return list(map(str, steps))
 
 
-def evaluate(args):
-    from tqdm import tqdm
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = drpo.precision_dtype(args.precision, device)
+def check(args):
+    """Every setting and input file of eval.py, before any model, reward or judge loads. Takes the --lora runs'
+    settings where not given; returns (the judge's template, the prompts, the GenEval metadata or None)."""
     for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts", "judge_batch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.prompts and args.geneval:
-        raise ValueError("pass --prompts (rewards on your prompts) or --geneval evaluation_metadata.jsonl, not both")
+    if args.geneval and (args.prompts or args.reward):
+        raise ValueError("--geneval scores its metadata's prompts with its own checks: drop --prompts and --reward, "
+                         "or run them in a separate eval.py run")
     if args.judge_template and not args.judge:
         raise ValueError("--judge-template is the instruction of --judge; add --judge")
+    if Path(args.out).is_file():
+        raise FileExistsError(f"--out {args.out} is a file; pass a folder for the results")
+    if args.judge and args.judge.startswith((".", "/", "~")) and not Path(args.judge).expanduser().is_dir():
+        raise FileNotFoundError(f"--judge {args.judge}: no such folder; pass a Qwen3-VL folder or a hub id")
+    drpo.reward_device_of(args.device, None, 0, "--device")
+    drpo.reward_device_of(args.reward_device, None, 0)
     if args.snapshots:
         args.lora = snapshots_of(args.lora)
     template = read_template(args.judge_template)
@@ -564,11 +616,24 @@ def evaluate(args):
     if not args.prompts and not args.geneval:  # the runs' held-out prompts, else the shipped held-out list
         args.prompts = next((c.get("eval_prompts") for c in runs.values() if c.get("eval_prompts")), None) or HELDOUT
     args.seeds = args.seeds or next((c["eval_seeds"] for c in runs.values() if c.get("eval_seeds")), 4)
+    args.reward = args.reward if args.reward is not None else "" if args.judge or args.geneval else DEFAULT_REWARDS
+    names = [n for n, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
+    drpo.check_reward_paths(vars(args), names + ["geneval"] * bool(args.geneval))
+    if args.geneval:
+        metadata = drpo.beside("rewards.geneval").read_metadata(args.geneval)[:args.max_prompts]
+        return template, [m["prompt"] for m in metadata], metadata
+    return template, load_prompts(args.prompts, args.max_prompts), None
+
+
+def evaluate(args):
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = drpo.precision_dtype(args.precision, device)
+    template, prompts, metadata = check(args)
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
-        geneval = drpo.beside("rewards.geneval")
-        metadata = geneval.read_metadata(args.geneval)[:args.max_prompts]
-        prompts, verdicts = [m["prompt"] for m in metadata], []
+        geneval, verdicts = drpo.beside("rewards.geneval"), []
         detect = geneval.load_detector(args.reward_device or device, paths["geneval_detector"], paths["geneval_clip"])
         by_prompt = {m["prompt"]: m for m in metadata}
 
@@ -579,9 +644,8 @@ def evaluate(args):
 
         rewards = {"geneval": decide_images}
     else:
-        prompts = load_prompts(args.prompts, args.max_prompts)
-        spec = args.reward or ("" if args.judge else DEFAULT_REWARDS)
-        rewards = metrics_of(spec, None, args.reward_device or device, args.reward_batch, **paths) if spec else {}
+        rewards = metrics_of(args.reward, None, args.reward_device or device, args.reward_batch,
+                             **paths) if args.reward else {}
         if args.paper_scales and "imagereward" in rewards:
             rewards["imagereward"] = lambda images, prompts, fn=rewards["imagereward"]: 10 * fn(images, prompts)
     if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass

@@ -280,7 +280,7 @@ def test_mae_features_match_the_published_extractor():
     expected = load_file(FIXTURES / "mae_tiny" / "expected.safetensors")
     # In float64: the fixture's own float32 round-off is up to 9e-6 (measured against a float64
     # evaluation), so two float32 runs on different CPUs can differ by more than the tolerance.
-    out = phi(latents.double())
+    out = phi(latents.double(), None, None)
     assert out.keys() == expected.keys()
     for k, v in expected.items():
         torch.testing.assert_close(out[k], v.double(), rtol=1e-5, atol=1e-5)
@@ -297,7 +297,7 @@ def test_mae_reads_torch_layout_and_prefixed_keys(tmp_path):
         sd["module." + k] = v
     torch.save({"model_state_dict": sd, "metadata": raw["metadata"]}, tmp_path / "m.pth")
     latents = load_file(FIXTURES / "mae_tiny" / "latents.safetensors")["latents"]
-    out = drpo.load_features("mae", mae_ckpt=tmp_path / "m.pth")(latents.double())
+    out = drpo.load_features("mae", mae_ckpt=tmp_path / "m.pth")(latents.double(), None, None)
     for k, v in load_file(FIXTURES / "mae_tiny" / "expected.safetensors").items():
         torch.testing.assert_close(out[k], v.double(), rtol=1e-5, atol=1e-5)
 
@@ -563,7 +563,7 @@ def test_dinov2_features_decode_with_gradient_and_match_the_dinov2_model(tiny, t
     pipe = model.pipe
     phi = drpo.load_features("dinov2", model, dinov2=str(tmp_path / "dino"))
     x = torch.randn(3, 4, 16, 16, requires_grad=True)
-    f = phi(x)
+    f = phi(x, None, None)
     assert {k: tuple(v.shape) for k, v in f.items()} == {
         "dinov2_cls": (3, 1, 32), "dinov2_mean": (3, 1, 32), "dinov2_std": (3, 1, 32), "dinov2_mean_2": (3, 64, 32),
         "dinov2_std_2": (3, 64, 32), "dinov2_mean_4": (3, 16, 32), "dinov2_std_4": (3, 16, 32)}
@@ -846,9 +846,10 @@ def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_res
     assert max(v.abs().max().item() for k, v in a.items() if "lora.up" in k) > 1e-3  # the LoRA did train
 
 
-def test_reward_device_is_rank_relative_with_a_plus():
+def test_reward_device_is_rank_relative_with_a_plus(monkeypatch):
     cpu = torch.device("cpu")
     assert drpo.reward_device_of(None, cpu, 3) == cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the mapping, as on a machine with GPUs
     assert drpo.reward_device_of("cuda:+4", cpu, 3) == torch.device("cuda", 7)  # 4 GPUs after the process's own
     assert drpo.reward_device_of("cuda:1", cpu, 3) == torch.device("cuda", 1)  # absolute: shared by all
 
@@ -884,7 +885,7 @@ def test_torchrun_failures_stop_every_process_and_are_reported_once(tiny, tmp_pa
     (["--model", "."], "not a diffusers pipeline"),
     (["--model", "no-such-org/no-such-model"], "could not load --model"),
     (["--reward", "nosuchreward"], "unknown reward"),
-    (["--reward", "nosuchmodule_xyz:score"], "cannot import"),
+    (["--reward", "nosuchmodule_xyz:score"], "no module 'nosuchmodule_xyz' on the Python path"),
     (["--reward", "test_drpo:scores_with_nan"], "NaN"),
     (["--reward", "pickscore"], "hf download yuvalkirstain/PickScore_v1"),
     (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
@@ -900,7 +901,7 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
 
 @pytest.mark.parametrize("args,message", [
     (["--reward", "brightnes"], "unknown reward 'brightnes'"),
-    (["--reward", "brightness:2,nosuchmodule_xyz:score"], "cannot import"),
+    (["--reward", "brightness:2,nosuchmodule_xyz:score"], "no module 'nosuchmodule_xyz' on the Python path"),
     (["--radii", "0,-1"], "--radii must be positive numbers"),
     (["--ref-radii", "0.1,0"], "--ref-radii must be positive numbers"),
     (["--resolution", "100"], "needs a multiple of 16"),  # tiny: VAE /8, UNet /2
