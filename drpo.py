@@ -604,8 +604,7 @@ def teacher_features(net, layers, t=100, c_in=1.0, noise_level=0.1):
 FEATURES = ("teacher", "mae", "latent", "dinov2")
 
 
-def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="facebook/dinov2-base", device="cpu",
-                  dtype=torch.float32):
+def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2=None, device="cpu", dtype=torch.float32):
     """A feature map phi(latents, noise, cond) -> {key: (B, T, D)} for the generator model (load_generator): one of
     FEATURES, or `module.path:function` (custom_code). noise (a unit draw like the latents) and cond (their prompt
     conditioning rows) are passed to every map; the teacher uses them. layers (None: the model's default blocks) are
@@ -619,10 +618,11 @@ def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2="faceb
         encode = beside("features.mae").mae_encoder(mae_ckpt, device)
         return lambda latents, noise, cond: map_stats(encode(latents), "layer4")
     if name == "dinov2":  # decode with the VAE (with gradient), then DINOv2's CLS token and patch statistics
-        encode = beside("features.dinov2").dinov2_encoder(dinov2, device, model.pipe.vae.dtype)
+        vae = model.pipe.vae
+        encode = beside("features.dinov2").dinov2_encoder(dinov2 or "facebook/dinov2-base", device, vae.dtype)
 
         def phi(latents, noise, cond):
-            cls, grid = encode(decode(model.pipe.vae, latents))
+            cls, grid = encode(decode(vae, latents))
             return {"dinov2_cls": cls, **map_stats(grid, "dinov2")}
         return phi
     if ":" in name:
@@ -749,13 +749,11 @@ def parse_reward_spec(spec):
 
 
 def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
-    """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor.
-
-    spec: a reward name, `module.path:function`, or a comma list of `NAME[:WEIGHT]` (each member
-    z-scored over the call's images, then weighted and summed). Scores are computed under no_grad
-    in batches of batch_size images; NaN stops. dtype: None = bf16 on CUDA, fp32 otherwise.
-    paths: weight files by REWARD_PATHS name, and geneval_metadata=FILE.jsonl for geneval. reward.members:
-    {name: each member alone, unweighted}."""
+    """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor. spec: a reward name,
+    `module.path:function` (custom_code), or a comma list of `NAME[:WEIGHT]` (each member z-scored over the call's
+    images, then weighted and summed). Scores are computed under no_grad in batches of batch_size images; NaN stops.
+    dtype: None = bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, and geneval_metadata=
+    FILE.jsonl for geneval. reward.members: {name: each member alone, unweighted}."""
     if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
     dtype = dtype or precision_dtype("auto", device)
@@ -1320,8 +1318,8 @@ def check_args(args, world=1):
                          "drop " + " and ".join(f for f in ("--reward", "--prompts") if getattr(args, f[2:])))
     if args.pairs:
         read_pairs(args.pairs)
-    args.reward = None if args.pairs else args.reward or "hpsv3"
-    rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward else []
+    args.reward = None if args.pairs else "hpsv3" if args.reward is None else args.reward
+    rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward is not None else []
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
@@ -1329,9 +1327,11 @@ def check_args(args, world=1):
     check_reward_paths(a, [n for r in (args.reward, args.eval_reward) if r for n, _, _ in parse_reward_spec(r)])
     if args.features not in FEATURES:  # a custom map is imported now; an unknown name is refused by load_features
         custom_code(args.features, "--features") if ":" in args.features else load_features(args.features)
-    for flag, features in (("mae_ckpt", "mae"), ("teacher_layers", "teacher")):
+    for flag, features in (("mae_ckpt", "mae"), ("teacher_layers", "teacher"), ("dinov2", "dinov2")):
         if a[flag] and args.features != features:
             raise ValueError(f"--{flag.replace('_', '-')} is for --features {features}, not {args.features}: drop it")
+    if args.dinov2 and args.dinov2.startswith((".", "/", "~")) and not Path(args.dinov2).expanduser().is_dir():
+        raise FileNotFoundError(f"--dinov2 {args.dinov2}: no such folder; pass a DINOv2 folder or a hub id")
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
@@ -1420,7 +1420,7 @@ def build_parser():
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
     g.add_argument("--teacher-layers", help="blocks for --features teacher (default: SD/SDXL down_blocks.-1,mid_block,"
                    "up_blocks.0; SANA-Sprint: transformer_blocks at 1/4, 1/2, 3/4 depth)")
-    g.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 hub id or folder for --features dinov2")
+    g.add_argument("--dinov2", help="DINOv2 hub id or folder for --features dinov2 (default: facebook/dinov2-base)")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")

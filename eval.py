@@ -599,6 +599,9 @@ def check(args):
                          "or run them in a separate eval.py run")
     if args.judge_template and not args.judge:
         raise ValueError("--judge-template is the instruction of --judge; add --judge")
+    if args.geneval and not Path(args.geneval).is_file():
+        raise FileNotFoundError(f"--geneval {args.geneval}: no such file; pass evaluation_metadata.jsonl from the "
+                                f"GenEval repository's prompts/ folder (docs/geneval.md)")
     if Path(args.out).is_file():
         raise FileExistsError(f"--out {args.out} is a file; pass a folder for the results")
     if args.judge and args.judge.startswith((".", "/", "~")) and not Path(args.judge).expanduser().is_dir():
@@ -628,9 +631,9 @@ def check(args):
 def evaluate(args):
     from tqdm import tqdm
 
+    template, prompts, metadata = check(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = drpo.precision_dtype(args.precision, device)
-    template, prompts, metadata = check(args)
     paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval, verdicts = drpo.beside("rewards.geneval"), []

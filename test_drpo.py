@@ -899,48 +899,6 @@ def test_bad_settings_fail_with_a_clear_message(tiny, tmp_path, capsys, args, me
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--reward", "brightnes"], "unknown reward 'brightnes'"),
-    (["--reward", "brightness:2,nosuchmodule_xyz:score"], "no module 'nosuchmodule_xyz' on the Python path"),
-    (["--radii", "0,-1"], "--radii must be positive numbers"),
-    (["--ref-radii", "0.1,0"], "--ref-radii must be positive numbers"),
-    (["--resolution", "100"], "needs a multiple of 16"),  # tiny: VAE /8, UNet /2
-    (["--resolution", "8"], "needs a multiple of 16"),
-    (["--features", "mae"], "pass --mae-ckpt"),
-    (["--features", "mae", "--mae-ckpt", "/nonexistent/mae.pth"], "modelscope download"),
-    (["--teacher-layers", "down_blocks.2,mid_block"], "not a block of this UNet"),
-    (["--reward", "hpsv3", "--hpsv3-ckpt", "/nonexistent/HPSv3.safetensors"], "--hpsv3-ckpt"),
-    (["--prompts", "/nonexistent/prompts.txt"], "no such file"),
-    (["--n-pos", "5", "--n-neg", "4"], "exceeds --candidates"),
-    (["--lambda-ref", "-1"], "--lambda-ref must be"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--force"], "--force only overrides"),
-    (["--model", str(Path(__file__).resolve().parent / "README.md")], "is a file"),
-    (["--model", "/nonexistent/model"], "no such folder"),
-    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
-    (["--timestep", "-1"], "timesteps 0 .. 999"),
-    # on the tiny SANA-Sprint (DC-AE /32, patch 1, 4 transformer blocks, 32 latent channels)
-    (["--model", "SANA", "--timestep", "399"], "SANA-Sprint's one step starts at the pure-noise end"),
-    (["--model", "SANA", "--features", "mae", "--mae-ckpt", str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")],
-     "latents have 32 channels"),
-    (["--model", "SANA", "--resolution", "100"], "needs a multiple of 32"),
-    (["--model", "SANA", "--teacher-layers", "transformer_blocks.4"], "not a block of this transformer"),
-    (["--model", "SANA", "--teacher-layers", "mid_block"], "use transformer_blocks.I with I in -4..3"),
-])
-def test_bad_settings_fail_before_any_model_loads(tiny, tiny_sana, tmp_path, capsys, monkeypatch, args, message):
-    def no_loading(*a, **k):
-        raise AssertionError("a model was loaded before the settings were checked")
-
-    for name in ("load_pipeline", "load_reward", "load_features"):
-        monkeypatch.setattr(drpo, name, no_loading)
-    monkeypatch.setattr(tiny_model, "make_tiny", no_loading)
-    argv = ["--model", tiny, "--reward", "brightness", "--output-dir", str(tmp_path / "o"), "--candidates", "8",
-            "--n-pos", "3", "--n-neg", "3", "--max-steps", "1"]
-    assert drpo.main(argv + [tiny_sana if a == "SANA" else a for a in args]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()  # nothing written
-
-
 def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     built = []
@@ -2027,33 +1985,6 @@ def test_eval_py_checks_the_lora_shapes_before_any_model_loads(tiny, tiny_sdxl, 
     assert "another architecture" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--eval-prompts", "{d}/missing.txt"], "--eval-prompts {d}/missing.txt: no such file"),
-    (["--eval-prompts", "{d}/empty.txt"], "--eval-prompts {d}/empty.txt has no prompts"),
-    (["--eval-prompts", "{d}/latin1.txt"], "--eval-prompts {d}/latin1.txt is not UTF-8"),
-    (["--prompts", "{d}/latin1.txt"], "--prompts {d}/latin1.txt is not UTF-8"),
-    (["--eval-reward", "nosuch"], "--eval-reward nosuch"),
-    (["--eval-every", "-1"], "--eval-every must be 0 (off) or positive"),
-    (["--eval-seeds", "0"], "--eval-seeds must be at least 1"),
-    (["--save-lora-every", "0"], "--save-lora-every must be at least 1"),
-    (["--eval-reward", "geneval"], "--eval-prompts evaluation_metadata.jsonl"),
-    (["--pairs", "{d}/pairs.jsonl", "--eval-every", "5"], "--eval-reward"),
-])
-def test_bad_watch_settings_are_refused_before_loading(tiny, tmp_path, capsys, monkeypatch, flags, message):
-    (tmp_path / "empty.txt").write_text("\n")
-    (tmp_path / "latin1.txt").write_bytes("une forêt enneigée\n".encode("latin-1"))
-    write_image(tmp_path / "c.png", 220)
-    write_image(tmp_path / "r.png", 30)
-    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "c.png", "rejected": "r.png"}\n')
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
-    flags = [f.format(d=tmp_path) for f in flags]
-    argv = ["--model", tiny, "--output-dir", str(tmp_path / "o"), "--candidates", "4", "--n-pos", "1", "--n-neg",
-            "1", "--max-steps", "1", *([] if "--pairs" in flags else ["--reward", "brightness"]), *flags]
-    assert drpo.main(argv) == 2
-    assert message.format(d=tmp_path) in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
 def test_pairs_run_without_an_eval_reward_has_no_heldout_eval(tiny, tmp_path):
     write_image(tmp_path / "c.png", 220)
     write_image(tmp_path / "r.png", 30)
@@ -2355,3 +2286,329 @@ def test_hpsv3_cost_stand_in_patchifies_like_qwen2vl_and_passes_gradient():
     ours = seen["pixels"]
     assert ours.shape == ref.shape == (1024, 1176)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0.05)  # equal up to the processor's uint8 rounding
+
+
+# ---------------------------------------------------------------- every flag, a bad value -
+
+# drpo.py: each row gives one flag (or input file) a bad value and names what the one-line message must say: the flag
+# or file and the fix. {d} is a scratch folder with the files of bad_inputs(); SANA the tiny SANA-Sprint model.
+DRPO_BAD = [
+    (["--model", "{d}/nope"], "--model {d}/nope: no such folder. Pass a diffusers pipeline folder"),
+    (["--model", "{d}/afile"], "--model {d}/afile: is a file"),
+    (["--model", "{d}"], "--model {d}: is not a diffusers pipeline"),
+    (["--resolution", "100"], "--resolution 100: this model needs a multiple of 16"),
+    (["--resolution", "-16"], "--resolution -16: this model needs a multiple of 16"),
+    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
+    (["--device", "bogus"], "--device bogus: not a torch device"),
+    (["--device", "cuda"], "--device cuda: this torch build sees no CUDA GPU; use cpu"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be positive, got 0"),
+    (["--lora-targets", "to_q,to_zz"], "--lora-targets: 'to_zz' names no Linear or Conv2d layer of this unet; its "
+                                       "layers end in"),
+    (["--candidates", "0"], "--candidates must be at least 1"),
+    (["--n-pos", "0"], "--n-pos must be at least 1"),
+    (["--n-neg", "0"], "--n-neg must be at least 1"),
+    (["--n-pos", "5", "--n-neg", "4"], "--n-pos 5 + --n-neg 4 exceeds --candidates 8"),
+    (["--pos-weight", "0"], "--pos-weight must be positive"),
+    (["--neg-weight", "-1"], "--neg-weight must be positive"),
+    (["--ref-weight", "0"], "--ref-weight must be positive"),
+    (["--ref-neg-weight", "0"], "--ref-neg-weight must be positive"),
+    (["--lambda-ref", "-1"], "--lambda-ref must be 0 (off) or positive"),
+    (["--radii", "0,-1"], "--radii must be positive numbers, e.g. 0.02,0.05,0.2"),
+    (["--radii", "a,b"], "argument --radii: invalid floats value: 'a,b'"),
+    (["--ref-radii", "0.1,0"], "--ref-radii must be positive numbers"),
+    (["--kernel", "gauss"], "argument --kernel: invalid choice: 'gauss'"),
+    (["--reward", "brightnes"], "unknown reward 'brightnes'; choose one of"),
+    (["--reward", ""], "--reward is empty; name a reward"),
+    (["--reward", "brightness:2,nosuchmodule_xyz:score"], "--reward nosuchmodule_xyz:score: no module "
+                                                          "'nosuchmodule_xyz' on the Python path; run from its folder"),
+    (["--reward", "test_drpo:no_such_function"], "--reward test_drpo:no_such_function: test_drpo has no function "
+                                                 "'no_such_function'"),
+    (["--pairs", "{d}/missing.jsonl"], "--pairs {d}/missing.jsonl: no such file; give a JSON-lines file"),
+    (["--pairs", "{d}/empty.txt"], "--pairs {d}/empty.txt is empty; write one JSON object per line"),
+    (["--pairs", "{d}/notjson.jsonl"], "--pairs {d}/notjson.jsonl, line 1 is not JSON"),
+    (["--pairs", "{d}/pairs.jsonl", "--reward", "brightness"], "--pairs replaces --reward and --prompts"),
+    (["--reward-batch", "0"], "--reward-batch must be at least 1"),
+    (["--reward-device", "bogus"], "--reward-device bogus: not a torch device"),
+    (["--reward-device", "cuda:+1"], "--reward-device cuda:+1: this torch build sees no CUDA GPU"),
+    (["--reward-precision", "fp16"], "argument --reward-precision: invalid choice"),
+    (["--reward", "hpsv3", "--hpsv3-ckpt", "{d}/nope.safetensors"], "--hpsv3-ckpt {d}/nope.safetensors: no such file"),
+    (["--hpsv3-base", "{d}"], "--hpsv3-base is a weight file of the hpsv3 reward, which no --reward uses; drop it"),
+    (["--reward", "imagereward", "--imagereward-ckpt", "{d}/nope.pt"], "--imagereward-ckpt {d}/nope.pt: no such file"),
+    (["--imagereward-config", "{d}/afile"], "--imagereward-config is a weight file of the imagereward reward"),
+    (["--imagereward-tokenizer", "{d}"], "--imagereward-tokenizer is a weight file of the imagereward reward"),
+    (["--geneval-detector", "{d}"], "--geneval-detector is a weight file of the geneval reward"),
+    (["--geneval-clip", "{d}"], "--geneval-clip is a weight file of the geneval reward"),
+    (["--reward", "geneval"], "--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
+                              "evaluation_metadata.jsonl"),
+    (["--features", "teachr"], "--features teachr: unknown feature map; choose one of teacher, mae, latent, dinov2, "
+                               "or `module.path:function`"),
+    (["--features", "nosuchmodule_xyz:phi"], "--features nosuchmodule_xyz:phi: no module 'nosuchmodule_xyz'"),
+    (["--features", "mae"], "pass --mae-ckpt"),
+    (["--features", "mae", "--mae-ckpt", "{d}/nope.pth"], "modelscope download"),
+    (["--mae-ckpt", "{d}/afile"], "--mae-ckpt is for --features mae, not teacher: drop it"),
+    (["--teacher-layers", "down_blocks.2,mid_block"], "--teacher-layers: 'down_blocks.2' is not a block of this UNet; "
+                                                      "use mid_block, down_blocks.I or up_blocks.I with I in -2..1"),
+    (["--features", "latent", "--teacher-layers", "mid_block"], "--teacher-layers is for --features teacher, not "
+                                                                "latent"),
+    (["--features", "dinov2", "--dinov2", "{d}/nodino"], "--dinov2 {d}/nodino: no such folder"),
+    (["--dinov2", "facebook/dinov2-small"], "--dinov2 is for --features dinov2, not teacher"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), e.g. 0.9, got 1.0"),
+    (["--adam-beta2", "-0.1"], "--adam-beta2 must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 (off) or positive"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be at least 1"),
+    (["--grad-chunk", "-1"], "--grad-chunk must be 0 (off) or positive"),
+    (["--prompts", "{d}/missing.txt"], "--prompts {d}/missing.txt: no such file; give a text file"),
+    (["--prompts", "{d}/empty.txt"], "--prompts {d}/empty.txt has no prompts; write one prompt per line"),
+    (["--prompts", "{d}/latin1.txt"], "--prompts {d}/latin1.txt is not UTF-8 text"),
+    (["--prompts", "{d}/noprompt.jsonl"], "--prompts {d}/noprompt.jsonl: every line of a .jsonl file must be an "
+                                          "object with a \"prompt\""),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--output-dir", "{d}/afile"], "--output-dir {d}/afile is a file; pass a folder"),
+    (["--output-dir", "{d}/full"], "--output-dir {d}/full already holds files (another run?); pass --resume"),
+    (["--sample-every", "-1"], "--sample-every must be 0 (off) or positive"),
+    (["--grid-prompts", "0"], "--grid-prompts must be at least 1"),
+    (["--grid-noises", "0"], "--grid-noises must be at least 1"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--save-lora-every", "0"], "--save-lora-every must be at least 1"),
+    (["--eval-every", "-1"], "--eval-every must be 0 (off) or positive"),
+    (["--pairs", "{d}/pairs.jsonl", "--eval-every", "5"], "--eval-every: with --pairs there is no training reward to "
+                                                          "evaluate with; name one with --eval-reward"),
+    (["--eval-prompts", "{d}/missing.txt"], "--eval-prompts {d}/missing.txt: no such file"),
+    (["--eval-prompts", "{d}/empty.txt"], "--eval-prompts {d}/empty.txt has no prompts"),
+    (["--eval-prompts", "{d}/latin1.txt"], "--eval-prompts {d}/latin1.txt is not UTF-8"),
+    (["--eval-reward", "nosuch"], "--eval-reward nosuch: unknown reward 'nosuch'"),
+    (["--eval-reward", "geneval"], "needs --eval-prompts evaluation_metadata.jsonl"),
+    (["--eval-seeds", "0"], "--eval-seeds must be at least 1"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other; pick one"),
+    (["--force"], "--force only overrides the settings check of --resume; add --resume or drop --force"),
+    (["--resume", "--output-dir", "{d}/old"], "{d}/old/checkpoint.pt is missing, damaged or not a DrPO checkpoint"),
+    # family-specific checks, on the tiny SANA-Sprint (DC-AE /32, patch 1, 4 transformer blocks, 32 channels)
+    (["--model", "SANA", "--timestep", "399"], "SANA-Sprint's one step starts at the pure-noise end"),
+    (["--model", "SANA", "--features", "mae", "--mae-ckpt", str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")],
+     "latents have 32 channels"),
+    (["--model", "SANA", "--resolution", "100"], "needs a multiple of 32"),
+    (["--model", "SANA", "--teacher-layers", "transformer_blocks.4"], "not a block of this transformer"),
+    (["--model", "SANA", "--lora-targets", "to_zz"], "'to_zz' names no Linear or Conv2d layer of this transformer"),
+]
+DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite"}  # flags without a value to get wrong
+
+# eval.py, the same way (a run folder of two updates is {d}/run).
+EVAL_BAD = [
+    (["--model", "{d}/nope"], "--model {d}/nope: no such folder"),
+    (["--lora", "{d}/nope"], "--lora {d}/nope: no pytorch_lora_weights.safetensors there; pass the --output-dir"),
+    (["--lora", "{d}", "--snapshots"], "--snapshots: {d} has no loras/step_N folders"),
+    (["--lora", "{d}/run", "--lora", "{d}/run", "--snapshots"], "--snapshots evaluates the snapshots of one run"),
+    (["--lora", "{d}/run", "--timestep", "500"], "--timestep 500 contradicts the run of --lora {d}/run"),
+    (["--reward", "nosuch"], "unknown reward 'nosuch'"),
+    (["--reward", "nosuchmodule_xyz:score"], "--reward nosuchmodule_xyz:score: no module"),
+    (["--prompts", "{d}/missing.txt"], "--prompts {d}/missing.txt: no such file"),
+    (["--prompts", "{d}/latin1.txt"], "--prompts {d}/latin1.txt is not UTF-8"),
+    (["--geneval", "{d}/missing.jsonl", "--reward", ""], "--geneval {d}/missing.jsonl: no such file"),
+    (["--geneval", "{d}/noprompt.jsonl", "--reward", ""], "{d}/noprompt.jsonl, line 1: a GenEval metadata line needs"),
+    (["--geneval", "{d}/notjson.jsonl", "--reward", ""], "{d}/notjson.jsonl, line 1 is not JSON"),
+    (["--geneval", "{d}/noprompt.jsonl"], "--geneval scores its metadata's prompts with its own checks: drop --prompts "
+                                          "and --reward"),
+    (["--judge", "{d}/nojudge"], "--judge {d}/nojudge: no such folder"),
+    (["--judge", "--judge-template", "{d}/missing.txt"], "--judge-template {d}/missing.txt: no such file"),
+    (["--judge", "--judge-template", "{d}/empty.txt"], "has no {{prompt}} field"),
+    (["--judge-template", "{d}/empty.txt"], "--judge-template is the instruction of --judge; add --judge"),
+    (["--judge-batch", "0"], "--judge-batch must be at least 1"),
+    (["--curves", "{d}"], "--curves {d}: no metrics.jsonl there"),
+    (["--max-prompts", "0"], "--max-prompts must be at least 1"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--out", "{d}/afile"], "--out {d}/afile is a file; pass a folder"),
+    (["--resolution", "100"], "--resolution 100: this model needs a multiple of 16"),
+    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
+    (["--device", "bogus"], "--device bogus: not a torch device"),
+    (["--precision", "fp16"], "argument --precision: invalid choice"),
+    (["--reward-device", "bogus"], "--reward-device bogus: not a torch device"),
+    (["--reward-batch", "0"], "--reward-batch must be at least 1"),
+    (["--reward", "hpsv3", "--hpsv3-ckpt", "{d}/nope.safetensors"], "--hpsv3-ckpt {d}/nope.safetensors: no such file"),
+    (["--hpsv3-base", "{d}"], "--hpsv3-base is a weight file of the hpsv3 reward, which no --reward uses"),
+    (["--imagereward-ckpt", "{d}"], "--imagereward-ckpt is a weight file of the imagereward reward"),
+    (["--imagereward-config", "{d}"], "--imagereward-config is a weight file of the imagereward reward"),
+    (["--imagereward-tokenizer", "{d}"], "--imagereward-tokenizer is a weight file of the imagereward reward"),
+    (["--geneval-detector", "{d}"], "--geneval-detector is a weight file of the geneval reward"),
+    (["--geneval", "{d}/meta.jsonl", "--reward", "", "--geneval-clip", "{d}/nope"], "--geneval-clip {d}/nope: no such"),
+    (["--grid-prompts", "0"], "--grid-prompts must be at least 1"),
+]
+EVAL_SWITCHES = {"-h", "--help", "--override", "--paper-scales"}
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny, tmp_path_factory):
+    """A folder of bad and good input files, and a tiny two-update run, for the sweeps below."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "afile").write_text("not a folder\n")
+    (d / "empty.txt").write_text("\n")
+    (d / "latin1.txt").write_bytes("une forêt enneigée\n".encode("latin-1"))
+    (d / "noprompt.jsonl").write_text('{"text": "a cat"}\n')
+    (d / "notjson.jsonl").write_text("a cat\n")
+    (d / "meta.jsonl").write_text('{"prompt": "a photo of a cat", "tag": "single_object", "include": '
+                                  '[{"class": "cat", "count": 1}]}\n')
+    write_image(d / "c.png", 220)
+    write_image(d / "r.png", 30)
+    (d / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "c.png", "rejected": "r.png"}\n')
+    (d / "full").mkdir()
+    (d / "full" / "x").write_text("")
+    (d / "old").mkdir()
+    (d / "old" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert run(tiny, d / "run", "--max-steps", "2", "--grad-accum", "1", "--sample-every", "0") == 0
+    return d
+
+
+def no_model_loads(monkeypatch):
+    """Any model, reward, judge or feature network loading (or the tiny model being built) fails the test."""
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    for name in ("load_pipeline", "load_generator", "load_reward", "teacher_features"):
+        monkeypatch.setattr(drpo, name, loaded)
+    monkeypatch.setattr(tiny_model, "make_tiny", loaded)
+    monkeypatch.setattr(drpo.beside("features.mae"), "mae_encoder", loaded)
+    monkeypatch.setattr(drpo.beside("features.dinov2"), "dinov2_encoder", loaded)
+    monkeypatch.setattr(drpo.beside("rewards.judge"), "load_judge", loaded)
+    monkeypatch.setattr(drpo.beside("rewards.geneval"), "load_detector", loaded)
+
+
+def refused(main, argv, capsys):
+    """main(argv)'s exit code and its stderr; argparse's own refusals exit with 2 as well."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def options(parser):
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def test_every_flag_of_drpo_and_eval_has_a_bad_value_in_the_sweep():
+    import eval as ev
+
+    for parser, table, switches in ((drpo.build_parser(), DRPO_BAD, DRPO_SWITCHES),
+                                    (ev.build_parser(), EVAL_BAD, EVAL_SWITCHES)):
+        swept = {f for flags, _ in table for f in flags if f.startswith("--")}
+        assert options(parser) - switches <= swept, options(parser) - switches - swept
+
+
+@pytest.mark.parametrize("flags,message", DRPO_BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_drpo_refuses_each_bad_flag_before_any_model_loads(tiny, tiny_sana, bad_inputs, tmp_path, capsys, monkeypatch,
+                                                           flags, message):
+    if torch.cuda.is_available() and "cuda" in " ".join(flags):
+        pytest.skip("a CUDA device is there")
+    no_model_loads(monkeypatch)
+    flags = [tiny_sana if f == "SANA" else f.format(d=bad_inputs) for f in flags]
+    argv = ["--model", tiny, *([] if "--pairs" in flags else ["--reward", "brightness"]), "--output-dir",
+            str(tmp_path / "o"), "--candidates", "8", "--n-pos", "3", "--n-neg", "3", "--max-steps", "1", *flags]
+    code, err = refused(drpo.main, argv, capsys)
+    assert code == 2 and message.format(d=bad_inputs) in err.strip().splitlines()[-1], err  # one line says it
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing written
+    assert [f.name for f in (bad_inputs / "old").iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("flags,message", EVAL_BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_eval_refuses_each_bad_flag_before_any_model_loads(tiny, bad_inputs, tmp_path, capsys, monkeypatch, flags,
+                                                           message):
+    import eval as ev
+
+    no_model_loads(monkeypatch)
+    flags = [f.format(d=bad_inputs) for f in flags]
+    argv = [*([] if "--model" in flags else ["--model", tiny]), "--reward", "brightness", "--seeds", "1", "--out",
+            str(tmp_path / "ev"), *flags]
+    code, err = refused(ev.main, argv, capsys)
+    assert code == 2 and message.format(d=bad_inputs) in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ev").exists()
+
+
+# ---------------------------------------------------------------- your own code ------------
+
+def docs_block(path, heading):
+    """The first ```python block after a heading of a docs file, as written."""
+    text = (Path(__file__).resolve().parent / path).read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S)[1]
+
+
+def test_the_features_docs_example_runs_as_a_feature_map_and_a_factory(tiny, tmp_path, monkeypatch):
+    (tmp_path / "myfeatures.py").write_text(docs_block("docs/features.md", "## Your own feature map"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    latents = torch.randn(3, 4, 8, 8)
+    for spec, key, shape in (("myfeatures:pooled", "pooled", (3, 16, 4)), ("myfeatures:projected()", "proj",
+                                                                           (3, 64, 64))):
+        phi = drpo.load_features(spec)
+        assert {k: tuple(v.shape) for k, v in phi(latents, None, None).items()} == {key: shape}
+    loras = []
+    for spec in ("myfeatures:pooled", "myfeatures:projected()"):
+        assert run(tiny, tmp_path / spec, "--features", spec, "--max-steps", "2", "--sample-every", "0") == 0
+        loras.append(load_file(tmp_path / spec / "pytorch_lora_weights.safetensors"))
+        assert max(v.abs().max().item() for k, v in loras[-1].items() if "lora.up" in k or "lora_B" in k) > 0
+    assert any(not torch.equal(loras[0][k], loras[1][k]) for k in loras[0])  # each map drives its own update
+
+
+RECEIVED = []
+
+
+def reward_factory(device, dtype):
+    RECEIVED.append(("reward", torch.device(device), dtype))
+    return drpo.brightness_reward
+
+
+def features_factory(device, dtype):
+    RECEIVED.append(("features", torch.device(device), dtype))
+    return drpo.load_features("latent")
+
+
+def test_factories_get_the_runs_device_and_dtype_and_a_plain_function_is_itself(tiny, tmp_path):
+    RECEIVED.clear()
+    argv = ("--reward-device", "cpu", "--reward-precision", "bf16", "--max-steps", "2", "--sample-every", "0")
+    assert run(tiny, tmp_path / "f", *argv, "--features", "test_drpo:features_factory()",
+               reward="test_drpo:reward_factory()") == 0
+    assert sorted(RECEIVED, key=str) == [("features", torch.device("cpu"), torch.float32),  # each called once
+                                         ("reward", torch.device("cpu"), torch.bfloat16)]
+    assert run(tiny, tmp_path / "b", *argv, "--features", "latent") == 0  # the built-in reward and map
+    assert same_lora(tmp_path / "f", tmp_path / "b")
+
+
+def test_an_error_in_the_users_code_keeps_its_traceback_and_one_in_the_input_is_one_line(tiny, tmp_path):
+    (tmp_path / "usermod.py").write_text("def score(images, prompts):\n    return helper(images)\n\n\n"
+                                         "def helper(images):\n    return [1 / 0 for _ in images]\n")
+    (tmp_path / "badimport.py").write_text("x = 1\nundefined_name + 1\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    base = [sys.executable, str(Path(__file__).resolve().parent / "drpo.py"), "--model", tiny, "--candidates", "4",
+            "--n-pos", "1", "--n-neg", "1", "--max-steps", "1", "--eval-every", "0", "--sample-every", "0"]
+    done = subprocess.run([*base, "--reward", "usermod:score", "--output-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert f'File "{tmp_path / "usermod.py"}", line 6, in helper' in done.stderr  # the user's own line
+    assert "UserCodeError: --reward usermod:score raised ZeroDivisionError: division by zero" in done.stderr
+    done = subprocess.run([*base, "--features", "badimport:phi", "--output-dir", str(tmp_path / "b")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and f'File "{tmp_path / "badimport.py"}", line 2' in done.stderr, done.stderr
+    assert "importing badimport raised NameError" in done.stderr
+    done = subprocess.run([*base, "--reward", "usermod:scor", "--output-dir", str(tmp_path / "c")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "error: --reward usermod:scor: usermod has no function 'scor'; name one of its " \
+                                  "functions after the colon"
+
+
+def test_train_called_from_python_checks_its_settings_first(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    with pytest.raises(ValueError, match="--lora-targets: 'to_zz' names no Linear"):
+        drpo.train(drpo.build_parser().parse_args(["--model", tiny, "--lora-targets", "to_zz",
+                                                   "--output-dir", str(tmp_path / "x")]))
+    monkeypatch.undo()
+    args = drpo.build_parser().parse_args(["--model", tiny, "--reward", "brightness", "--candidates", "4", "--n-pos",
+                                           "1", "--n-neg", "1", "--max-steps", "1", "--grad-accum", "1",
+                                           "--output-dir", str(tmp_path / "o")])  # --reward, --eval-every: unset
+    assert drpo.train(args) is None
+    assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file() and args.eval_every == 25

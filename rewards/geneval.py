@@ -52,7 +52,10 @@ def read_metadata(path):
     rows = []
     for n, line in enumerate(open(path, encoding="utf-8"), 1):
         if line.strip():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n} is not JSON ({e}); GenEval metadata has one object per line") from e
             if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and "tag" in row and "include" in row):
                 raise ValueError(f"{path}, line {n}: a GenEval metadata line needs prompt, tag and include")
             rows.append(row)
