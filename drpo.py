@@ -1285,7 +1285,7 @@ def check_reward_paths(a, rewards):
 
 
 def check_args(args, world=1):
-    """Check every setting before any model loads: a typo should cost seconds, not a download."""
+    """Check every setting and file before any model loads (custom code is imported): seconds, not a download."""
     a = vars(args)
     for names, ok, rule in (
             (("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
@@ -1390,11 +1390,11 @@ def build_parser():
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
     g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of the network's "
                    "module names (the attention projections of the UNet or of SANA's transformer)")
-    g = p.add_argument_group("DrPO field")
+    g = p.add_argument_group("DrPO field (the four weights are what the paper calls the velocity scale)")
     g.add_argument("--candidates", type=int, default=24, help="K: samples per prompt per step")
     g.add_argument("--n-pos", type=int, default=8, help="top-ranked candidates used as positives")
     g.add_argument("--n-neg", type=int, default=8, help="bottom-ranked candidates used as negatives")
-    g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of positives (velocity scale eta)")
+    g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of each positive")
     g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
     g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples (reference drift)")
     g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the samples as reference repellers")

@@ -2612,3 +2612,10 @@ def test_train_called_from_python_checks_its_settings_first(tiny, tmp_path, monk
                                            "--output-dir", str(tmp_path / "o")])  # --reward, --eval-every: unset
     assert drpo.train(args) is None
     assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file() and args.eval_every == 25
+
+
+def test_the_heldout_prompts_are_none_of_the_built_in_training_prompts():
+    import eval as ev
+
+    train, held = drpo.read_prompts(None), drpo.read_prompts(ev.HELDOUT)
+    assert len(train) == 16 and len(held) == 32 and not set(train) & set(held)

@@ -484,7 +484,7 @@ def main():
     arch = args.reward_arch or preset["reward_arch"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arch == "qwen2vl-7b" and device.type != "cuda" and "scaling" in parts:
-        sys.exit("--reward-arch qwen2vl-7b needs a GPU (about 17 GB of weights in bf16)")
+        sys.exit("--reward-arch qwen2vl-7b needs a GPU (16.6 GB of weights in bf16)")
     candidates = [int(k) for k in args.candidates.split(",")] if args.candidates else list(preset["candidates"])
     t0, summary = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
