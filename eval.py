@@ -544,7 +544,7 @@ def build_parser():
     p.add_argument("--override", action="store_true", help="evaluate with a --model, --timestep or --resolution that "
                    "contradicts the --lora run's (refused without it)")
     p.add_argument("--reward", help=f"comma list of metrics, each a drpo.py reward name or `module:function` "
-                   f"(default: {DEFAULT_REWARDS}; none when --judge is given)")
+                   f"(default: {DEFAULT_REWARDS}; none with --judge or --geneval)")
     p.add_argument("--prompts", help="text file with one prompt per line, or `parti` / `pickapic` (the paper's sets, "
                    "fetched from the hub with `datasets`; default: the run's --eval-prompts, else prompts/heldout.txt)")
     p.add_argument("--geneval", metavar="FILE.jsonl", help="run GenEval on its evaluation_metadata.jsonl instead of "
