@@ -302,9 +302,12 @@ def test_mae_reads_torch_layout_and_prefixed_keys(tmp_path):
         torch.testing.assert_close(out[k], v.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_missing_mae_checkpoint_says_how_to_get_it():
+def test_missing_or_damaged_mae_checkpoint_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="modelscope download"):
         drpo.load_features("mae", mae_ckpt="/nonexistent/mae.pth")
+    (tmp_path / "mae.pth").write_bytes((FIXTURES / "mae_tiny" / "mae_latent_tiny.pth").read_bytes()[:300])  # cut off
+    with pytest.raises(ValueError, match="mae.pth is damaged or not a torch checkpoint .*modelscope download"):
+        drpo.load_features("mae", mae_ckpt=tmp_path / "mae.pth")
 
 
 # ---------------------------------------------------------------- tiny model --------------

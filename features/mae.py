@@ -30,7 +30,11 @@ def check_ckpt(ckpt_path):
 def mae_encoder(ckpt_path, device="cpu"):
     """encode(latents (B, 4, h, w)) -> the encoder's last feature map `layer4`, (B, C, h/8, w/8)."""
     check_ckpt(ckpt_path)
-    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, an HTML error page, a pickle that would run code, ...
+        raise ValueError(f"latent-MAE checkpoint {ckpt_path} is damaged or not a torch checkpoint "
+                         f"({type(e).__name__}); download it again with {DOWNLOAD}") from e
     sd = raw.get("state_dict") or raw.get("model_state_dict") or {k: v for k, v in raw.items() if torch.is_tensor(v)}
     layers = raw.get("metadata", {}).get("model_config", {}).get("layers", [3, 4, 6, 3])
     W = {}
