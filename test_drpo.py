@@ -1475,6 +1475,18 @@ def test_imagereward_loads_strictly_and_names_the_keys_it_cannot_map(tmp_path):
         imagereward.imagereward_reward("cpu", tmp_path / "nosuch.pt", **paths)
 
 
+def test_damaged_reward_weights_are_named_with_the_download_command(tmp_path):
+    (tmp_path / "HPSv3.safetensors").write_bytes((HPS / "HPSv3.safetensors").read_bytes()[:500])  # a cut download
+    with pytest.raises(ValueError, match="HPSv3.safetensors is damaged or not a safetensors file .*hf download "
+                                         "MizzenAI/HPSv3"):
+        hpsv3.hpsv3_reward("cpu", tmp_path / "HPSv3.safetensors", HPS / "base")
+    (tmp_path / "ImageReward.pt").write_bytes((IR / "ImageReward_tiny.pt").read_bytes()[:500])
+    with pytest.raises(ValueError, match="ImageReward.pt is damaged or not ImageReward's checkpoint .*hf download "
+                                         "THUDM/ImageReward"):
+        imagereward.imagereward_reward("cpu", tmp_path / "ImageReward.pt", config=IR / "med_config.json",
+                                       tokenizer=IR / "tokenizer")
+
+
 def test_each_reward_port_runs_alone_without_drpo(tiny_clip, tmp_path):
     """rewards/*.py are copied into other projects: each imports and scores in a fresh interpreter
     with drpo never imported."""

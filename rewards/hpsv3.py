@@ -72,7 +72,12 @@ def load_checkpoint(path):
     from safetensors.torch import load_file
 
     state, head = {}, {}
-    for k, v in load_file(str(path)).items():
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # a cut download, or not a safetensors file
+        raise ValueError(f"{path} is damaged or not a safetensors file ({type(e).__name__}); download it again with "
+                         f"`hf download {' '.join(HUB)} --local-dir DIR`") from e
+    for k, v in tensors.items():
         if k.startswith("rm_head."):
             head[k[len("rm_head."):]] = v.float()
         elif k.startswith("visual."):

@@ -16,6 +16,7 @@ published code on a tiny random checkpoint, fixtures/imagereward_tiny).
     scores = reward(images, prompts)
 """
 import json
+import pickle
 import re
 
 import torch
@@ -89,6 +90,9 @@ def imagereward_reward(device="cpu", ckpt=None, config=None, tokenizer=None, dty
                       f"med_config.json --local-dir DIR` and `hf download {TOKENIZER} --local-dir TOK`, then pass "
                       f"--imagereward-ckpt DIR/ImageReward.pt --imagereward-config DIR/med_config.json "
                       f"--imagereward-tokenizer TOK") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # torch.load: a cut download, or foreign code
+        raise ValueError(f"{ckpt} is damaged or not ImageReward's checkpoint ({type(e).__name__}); download it "
+                         f"again with `hf download {HUB} ImageReward.pt --local-dir DIR`") from e
     state = state.get("state_dict", state)
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # as BLIP's init_tokenizer
 
