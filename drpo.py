@@ -401,7 +401,7 @@ def train(args, stop_asked=()):
             reward_device = reward_device_of(args.reward_device, device, local_rank)
             reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
                                     precision_dtype(args.reward_precision, reward_device),
-                                    geneval_metadata=args.prompts, **{k: getattr(args, k) for k in REWARD_PATHS})
+                                    geneval_metadata=args.prompts, **reward_options(args))
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
@@ -498,6 +498,7 @@ def train(args, stop_asked=()):
                 for k in STATS:
                     log[k] += stats[k] / n_micro
 
+        log |= {} if pairs else reward_fn.counts()  # a VLM's requests and invalid answers (rewards/vlm.py)
         log["stop"] = float(len(stop_asked) > 0)  # summed over the processes with the rest of the log
         if world > 1:
             all_reduce_update(params, log)
@@ -708,6 +709,8 @@ REWARDS = {
     "geneval": lambda device, dtype, p: beside("rewards.geneval").geneval_reward(
         p.get("geneval_metadata"), device, p.get("geneval_detector"), p.get("geneval_clip"), dtype),
     "brightness": lambda *_: brightness_reward, "jpeg": lambda *_: jpeg_reward, "random": lambda *_: random_reward,
+    "vlm": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p),  # a VLM server ranks (OpenAI protocol)
+    "vlm-rating": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p, mode="rating"),
 }
 # Weight files of the ported rewards: load_reward keyword (and --flag) -> what it is.
 REWARD_PATHS = {
@@ -724,6 +727,12 @@ REWARD_PATHS = {
 def add_reward_path_flags(group):
     for key, what in REWARD_PATHS.items():
         group.add_argument("--" + key.replace("_", "-"), metavar="PATH", help=f"local {what}")
+    beside("rewards.vlm").add_flags(group)  # --reward-url, --reward-model, ... of the served rewards
+
+
+def reward_options(args):
+    """load_reward's keywords from the parsed arguments: the weight files and the served rewards' settings."""
+    return {k: getattr(args, k) for k in [*REWARD_PATHS, *beside("rewards.vlm").FLAGS]}
 
 
 def parse_reward_spec(spec):
@@ -733,10 +742,14 @@ def parse_reward_spec(spec):
     for member in filter(None, (m.strip() for m in spec.split(","))):
         name, weight = member, 1.0
         head, _, tail = member.rpartition(":")
-        with contextlib.suppress(ValueError):  # NAME:WEIGHT, unless the tail is a function name
-            name, weight = head or member, float(tail)
+        with contextlib.suppress(ValueError):  # NAME:WEIGHT, unless the tail is a function name or a URL's port
+            name, weight = (head or member, float(tail)) if "//" not in head or head.count(":") > 1 else (name, 1.0)
         if name in REWARDS:
             parsed.append((name, REWARDS[name], weight))
+        elif name.startswith(("http://", "https://")):  # a reward service, `python -m rewards.serve`
+            parsed.append((name, lambda device, dtype, p, url=name: beside("rewards.remote").served_reward(
+                url, p.get("reward_timeout") or 120.0, 50.0 if p.get("reward_retry") is None else p["reward_retry"]),
+                weight))
         elif ":" in name:
             parsed.append((name, lambda device, dtype, _, make=custom_code(name, "--reward"): make(device, dtype),
                            weight))
@@ -752,10 +765,11 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor. spec: a reward name,
     `module.path:function` (custom_code), or a comma list of `NAME[:WEIGHT]` (each member z-scored over the call's
     images, then weighted and summed). Scores are computed under no_grad in batches of batch_size images; NaN stops.
-    dtype: None = bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, and geneval_metadata=
-    FILE.jsonl for geneval. reward.members: {name: each member alone, unweighted}."""
-    if set(paths) - {*REWARD_PATHS, "geneval_metadata"}:
-        raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; it takes {list(REWARD_PATHS)}")
+    dtype: None = bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, served rewards' settings
+    (reward_options), geneval_metadata=FILE.jsonl for geneval. reward.members: {name: each member alone,
+    unweighted}; reward.combine: their scores -> the reward's; reward.counts(): a VLM's requests since last asked."""
+    if set(paths) - {*REWARD_PATHS, *beside("rewards.vlm").FLAGS, "geneval_metadata"}:
+        raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; see reward_options for its keys")
     dtype = dtype or precision_dtype("auto", device)
     fns = [(name, make(device, dtype, paths), w) for name, make, w in parse_reward_spec(spec)]
 
@@ -763,9 +777,9 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
     def score(name, fn, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
-        s = torch.cat([torch.as_tensor(fn(images[i:i + batch_size], prompts[i:i + batch_size]),
-                                       dtype=torch.float32).detach().cpu().flatten()
-                       for i in range(0, len(images), batch_size)])
+        n = getattr(fn, "batch_size", batch_size) or len(images)  # served: None, the whole call in one request
+        s = torch.cat([torch.as_tensor(fn(images[i:i + n], prompts[i:i + n]), dtype=torch.float32).detach().cpu()
+                       .flatten() for i in range(0, len(images), n)])
         if s.numel() != len(images):
             raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
                              f"one float per image")
@@ -774,13 +788,13 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
                              f"(training stops rather than rank on invalid scores)")
         return s
 
-    def reward(images, prompts):
-        if len(fns) == 1:
-            return score(*fns[0][:2], images, prompts)
-        z = [(w, score(name, fn, images, prompts)) for name, fn, w in fns]
-        return sum(w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8) for w, s in z)
+    def combine(scores):  # each member's scores of the same images -> the reward
+        return scores[0] if len(scores) == 1 else sum(
+            w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8) for (_, _, w), s in zip(fns, scores))
 
-    reward.members = {name: functools.partial(score, name, fn) for name, fn, _ in fns}  # each alone (eval.py)
+    reward = lambda images, prompts: combine([score(name, fn, images, prompts) for name, fn, _ in fns])
+    reward.combine, reward.members = combine, {name: functools.partial(score, name, fn) for name, fn, _ in fns}
+    reward.counts = lambda: {k: v for _, fn, _ in fns for k, v in getattr(fn, "counts", dict)().items()}  # a VLM's
     return reward
 
 
@@ -1282,6 +1296,7 @@ def check_reward_paths(a, rewards):
                              f"--reward uses; drop it or add {key.split('_')[0]} to the rewards")
         if not Path(a[key]).exists():
             raise FileNotFoundError(f"--{key.replace('_', '-')} {a[key]}: no such file or folder")
+    beside("rewards.vlm").check_flags(a, rewards)  # --reward-url, --reward-model, ...: given only when used
 
 
 def check_args(args, world=1):

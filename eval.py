@@ -212,7 +212,7 @@ class Watch:
 
     def __init__(self, args, model, phi, reward, step, rank, world):
         device = drpo.reward_device_of(args.reward_device, model.net.device, int(os.environ.get("LOCAL_RANK", 0)))
-        paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
+        paths = drpo.reward_options(args)
         self.args, self.model, self.phi, self.rank, self.world, self.out = args, model, phi, rank, world, \
             Path(args.output_dir)
         self.prompts = drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
@@ -634,7 +634,7 @@ def evaluate(args):
     template, prompts, metadata = check(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = drpo.precision_dtype(args.precision, device)
-    paths = {k: getattr(args, k) for k in drpo.REWARD_PATHS}
+    paths = drpo.reward_options(args)
     if args.geneval:  # GenEval: its prompts, each image judged (1 = correct) by its metadata's checks
         geneval, verdicts = drpo.beside("rewards.geneval"), []
         detect = geneval.load_detector(args.reward_device or device, paths["geneval_detector"], paths["geneval_clip"])
