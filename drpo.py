@@ -259,9 +259,7 @@ def select_pos_neg(scores, n_pos, n_neg):
         raise ValueError("scores contain NaN or infinite values; check the reward model "
                          "(nothing is selected from invalid scores)")
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    pos_idx = order[..., :n_pos]
-    neg_idx = order[..., K - n_neg:].flip(-1)
-    return pos_idx, neg_idx
+    return order[..., :n_pos], order[..., K - n_neg:].flip(-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -747,9 +745,7 @@ def parse_reward_spec(spec):
         if name in REWARDS:
             parsed.append((name, REWARDS[name], weight))
         elif name.startswith(("http://", "https://")):  # a reward service, `python -m rewards.serve`
-            parsed.append((name, lambda device, dtype, p, url=name: beside("rewards.remote").served_reward(
-                url, p.get("reward_timeout") or 120.0, 50.0 if p.get("reward_retry") is None else p["reward_retry"]),
-                weight))
+            parsed.append((name, lambda d, t, p, url=name: beside("rewards.remote").served_reward(url, **p), weight))
         elif ":" in name:
             parsed.append((name, lambda device, dtype, _, make=custom_code(name, "--reward"): make(device, dtype),
                            weight))
@@ -912,9 +908,8 @@ def unet_generator(pipe, timestep=None):
 
 def precision_dtype(precision, device):
     """A --precision value -> dtype; auto = bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    auto = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[auto if precision == "auto" else precision]
 
 
 def is_sdxl(pipe):
@@ -1168,7 +1163,8 @@ CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
                "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
                "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
-               "forced_changes", *REWARD_PATHS}
+               "forced_changes", *REWARD_PATHS, "reward_url", "reward_api_key_env", "reward_concurrency",
+               "reward_timeout", "reward_retry"}  # a served reward's address and patience
 
 
 def load_checkpoint(path):
@@ -1326,8 +1322,8 @@ def check_args(args, world=1):
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
                               f"--overwrite to start over there, or choose a new folder")
-    reward_device_of(args.device, None, 0, "--device")  # a bad --device or --reward-device, said now
-    reward_device_of(args.reward_device, None, 0)
+    for flag in ("device", "reward_device"):  # a bad --device or --reward-device, said now
+        reward_device_of(a[flag], None, 0, "--" + flag.replace("_", "-"))
     if args.pairs and (args.reward or args.prompts):
         raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the preferences); "
                          "drop " + " and ".join(f for f in ("--reward", "--prompts") if getattr(args, f[2:])))
@@ -1394,8 +1390,7 @@ def build_parser():
                    "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
                    "(offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
-    g.add_argument("--timestep", type=int, help="a UNet model's one-step timestep (default: the stock pipeline's; "
-                   "DMD2: 399)")
+    g.add_argument("--timestep", type=int, help="a UNet's one-step timestep (default: the stock pipeline's; DMD2: 399)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
@@ -1418,13 +1413,14 @@ def build_parser():
     g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
     g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
     g = p.add_argument_group("reward")
-    g.add_argument("--reward", help=f"{', '.join(REWARDS)}, `module:function`, or a weighted list like "
-                   "`hpsv3:1,pickscore:0.5` (docs/rewards.md); default: hpsv3, or none with --pairs")
+    g.add_argument("--reward", help=f"{', '.join(REWARDS)}, `module:function`, http://HOST:PORT (a service), or a "
+                   "weighted list like `hpsv3:1,pickscore:0.5` (docs/rewards.md); default: hpsv3, or none with --pairs")
     g.add_argument("--pairs", metavar="FILE.jsonl", help='offline preference pairs instead of a reward: {"prompt", '
                    '"chosen", "rejected"} per line; chosen images attract, rejected repel (docs/pairs.md)')
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
     g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N`: "
-                   "the GPU N after this process's own (docs/scaling.md)")
+                   "the GPU N after this process's own (docs/scaling.md); one copy for all processes: serve it "
+                   "(docs/rewards.md, \"Rewards on other machines\")")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     add_reward_path_flags(g)
@@ -1464,8 +1460,8 @@ def build_parser():
                    "off with --pairs unless --eval-reward is given)")
     g.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: "
                    "prompts/heldout.txt, none of them a built-in training prompt)")
-    g.add_argument("--eval-reward", help="rewards to watch, a --reward spec whose members are each logged as "
-                   "eval/NAME; the first picks loras/best (default: the training reward; required with --pairs)")
+    g.add_argument("--eval-reward", help="rewards to watch, a --reward spec, each member logged as eval/NAME; the "
+                   "first picks loras/best (default: the training reward, vlm-rating for vlm; required with --pairs)")
     g.add_argument("--eval-seeds", type=int, default=4, help="noises per held-out prompt: seeds 0 .. N-1, as eval.py's")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
                    "refused if a setting that shapes the run changed (docs/running.md)")

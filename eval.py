@@ -276,6 +276,10 @@ class Watch:
         return best
 
 
+PAIRWISE_VLM = ("it ranks each prompt's images against the first of them, so its mean is about 0.5 for any model "
+                "and compares nothing across models")
+
+
 def check_watch(args):
     """drpo.py's --eval-* and --save-lora-every, checked before any model loads (default --eval-every resolved)."""
     if args.eval_every is None:
@@ -286,6 +290,8 @@ def check_watch(args):
     if not args.eval_every:
         return
     drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
+    if args.eval_reward is None and args.reward and "vlm" in [n for n, _, _ in drpo.parse_reward_spec(args.reward)]:
+        args.eval_reward = "vlm-rating"  # the same server rates each image: pairwise scores compare no two models
     try:
         names = [name for name, _, _ in drpo.parse_reward_spec(args.eval_reward or args.reward)]
     except ValueError as e:
@@ -293,6 +299,9 @@ def check_watch(args):
     if "geneval" in names and not str(args.eval_prompts).endswith(".jsonl"):
         raise ValueError("--eval-reward geneval (or a geneval training reward) needs --eval-prompts "
                          "evaluation_metadata.jsonl: GenEval reads each prompt's checks there")
+    if "vlm" in names:
+        raise ValueError(f"--eval-reward vlm cannot watch the run: {PAIRWISE_VLM}; pass --eval-reward vlm-rating "
+                         f"(the same server rates each image) or another reward")
 
 
 def save_snapshot(out, model, args, step, heldout, best=False):
@@ -621,6 +630,9 @@ def check(args):
     args.seeds = args.seeds or next((c["eval_seeds"] for c in runs.values() if c.get("eval_seeds")), 4)
     args.reward = args.reward if args.reward is not None else "" if args.judge or args.geneval else DEFAULT_REWARDS
     names = [n for n, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
+    if "vlm" in names:
+        raise ValueError(f"--reward vlm cannot evaluate: {PAIRWISE_VLM}; use --reward vlm-rating (the same server "
+                         f"rates each image), or --judge for win rates against the base")
     drpo.check_reward_paths(vars(args), names + ["geneval"] * bool(args.geneval))
     if args.geneval:
         metadata = drpo.beside("rewards.geneval").read_metadata(args.geneval)[:args.max_prompts]

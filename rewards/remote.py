@@ -43,11 +43,13 @@ def post_json(url, payload, timeout, retry_s, what):
         wait = min(2 * wait, 8.0)
 
 
-def served_reward(url, timeout=120.0, retry_s=50.0):
+def served_reward(url, reward_timeout=None, reward_retry=None, **_):
     """A reward callable (images: list of PIL, prompts) -> 1-D float tensor, scored by the service at url
-    (`python -m rewards.serve`). Waits (retry_s at most) until the service answers its health check."""
+    (`python -m rewards.serve`). Waits (reward_retry seconds at most, default 50) until the service answers its
+    health check; each request may take reward_timeout seconds (default 120). Other keywords are ignored."""
     import torch
 
+    timeout, retry_s = reward_timeout or 120.0, 50.0 if reward_retry is None else reward_retry
     url = url.rstrip("/")
     what = f"the reward service at {url}"
     health = post_json(f"{url}/health", None, timeout, retry_s, what)
@@ -55,8 +57,8 @@ def served_reward(url, timeout=120.0, retry_s=50.0):
         raise ValueError(f"{url}/health answered {health[:80]!r}, not a reward service's ok; check the URL")
 
     def reward(images, prompts):
-        answer = json.loads(post_json(f"{url}/score", {"prompts": list(prompts),
-                                                        "images": [png_b64(im) for im in images]}, timeout, retry_s, what))
+        payload = {"prompts": list(prompts), "images": [png_b64(im) for im in images]}
+        answer = json.loads(post_json(f"{url}/score", payload, timeout, retry_s, what))
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or len(scores) != len(images):
             raise ValueError(f"{what} answered {str(answer)[:200]!r}, not {len(images)} scores")

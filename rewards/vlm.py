@@ -164,10 +164,11 @@ def vlm_reward(reward_url, reward_model, reward_template=None, reward_concurrenc
                 raise ValueError(f"the VLM server at {reward_url} refused the request: HTTP {e.status_code} "
                                  f"{str(e)[:300]}" + (f"; set the API key in ${reward_api_key_env or 'OPENAI_API_KEY'}"
                                                       if e.status_code in (401, 403) else "")) from None
-            if time.monotonic() - start + wait > retry_s:
-                raise ConnectionError(f"the VLM server at {reward_url} did not answer for {time.monotonic() - start:.0f}"
-                                      f" s (last: {error[:200]}). Start it, or fix --reward-url, or raise --reward-retry;"
-                                      f" a training run's last checkpoint is intact: continue it with --resume") from None
+            waited = time.monotonic() - start
+            if waited + wait > retry_s:
+                raise ConnectionError(f"the VLM server at {reward_url} did not answer for {waited:.0f} s (last: "
+                                      f"{error[:200]}). Start it, or fix --reward-url, or raise --reward-retry; a "
+                                      f"training run's last checkpoint is intact: continue it with --resume") from None
             time.sleep(wait)
             wait = min(2 * wait, 8.0)
 
