@@ -1,5 +1,6 @@
 """Checks of DrPO: the drift field on toy tensors, then the models, rewards and loop on tiny models."""
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -2634,3 +2635,325 @@ def test_the_heldout_prompts_are_none_of_the_built_in_training_prompts():
 
     train, held = drpo.read_prompts(None), drpo.read_prompts(ev.HELDOUT)
     assert len(train) == 16 and len(held) == 32 and not set(train) & set(held)
+
+
+# ---------------------------------------------------------------- rewards served elsewhere ----------
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url, proc, seconds):
+    """Poll url until it answers 200; fail with the server's output if it exits or takes longer."""
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {seconds} s")
+
+
+@contextlib.contextmanager
+def server_process(argv, health, seconds=90):
+    """A real server process on 127.0.0.1 at a port picked here (argv's {port}), yielding its base URL; stopped, with
+    every process it started, in finally."""
+    port = free_port()
+    proc = subprocess.Popen([a.format(port=port) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=Path(__file__).resolve().parent,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+    try:
+        wait_for(f"http://127.0.0.1:{port}{health}", proc, seconds)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
+
+def reward_service(spec, *extra):
+    return server_process([sys.executable, "-m", "rewards.serve", "--reward", spec, "--port", "{port}",
+                           "--accelerator", "cpu", "--devices", "1", *extra], "/health")
+
+
+@contextlib.contextmanager
+def scripted_vlm(**script):
+    """examples/scripted_vlm.py's server in a thread, on a port the OS picks: (its /v1 URL, its state)."""
+    import threading
+
+    from examples import scripted_vlm as sv
+
+    server = sv.make_server(0, **script)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", server.state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def grey_images(*levels):
+    from PIL import Image
+
+    return [Image.new("RGB", (16, 16), (v, v, v)) for v in levels]
+
+
+def test_a_served_reward_trains_the_bitwise_same_lora_and_evaluates_the_same(tiny, tmp_path):
+    import eval as ev
+
+    with reward_service("brightness") as url:
+        assert run(tiny, tmp_path / "served", "--max-steps", "2", "--sample-every", "0", reward=url) == 0
+        assert ev.main(["--lora", str(tmp_path / "served"), "--reward", url, "--max-prompts", "2", "--seeds", "2",
+                        "--out", str(tmp_path / "eval_served")]) == 0
+    assert run(tiny, tmp_path / "local", "--max-steps", "2", "--sample-every", "0") == 0
+    assert same_lora(tmp_path / "served", tmp_path / "local")
+    assert [m["reward_mean"] for m in metrics_of(tmp_path / "served")] == \
+        [m["reward_mean"] for m in metrics_of(tmp_path / "local")]
+    assert ev.main(["--lora", str(tmp_path / "served"), "--reward", "brightness", "--max-prompts", "2", "--seeds", "2",
+                    "--out", str(tmp_path / "eval_local")]) == 0
+    served = (tmp_path / "eval_served" / "scores.csv").read_text().replace(url, "brightness")
+    assert served == (tmp_path / "eval_local" / "scores.csv").read_text()
+
+
+def test_the_reward_service_batches_clients_scores_as_in_process_and_refuses_bad_requests(tmp_path):
+    import base64
+    import concurrent.futures
+    import io
+    import urllib.error
+    import urllib.request
+
+    from rewards import remote
+
+    spec = "brightness,jpeg:0.5"  # an ensemble: z-scored over each request alone, as over each call in process
+    local = drpo.load_reward(spec)
+    calls = [(grey_images(*range(10 * i, 10 * i + 5 + i)), [f"prompt {i}"] * (5 + i)) for i in range(6)]
+    with reward_service(spec, "--max-batch-size", "4", "--batch-timeout", "0.2") as url:
+        reward = remote.served_reward(url)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:  # six trainers at once: batched on the server
+            got = list(pool.map(lambda c: reward(*c), calls))
+        for (images, prompts), scores in zip(calls, got):
+            assert torch.allclose(scores, local(images, prompts), atol=1e-6, rtol=0)
+
+        def status(body):
+            request = urllib.request.Request(url + "/score", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        buf = io.BytesIO()
+        grey_images(9)[0].save(buf, format="JPEG")
+        jpeg = base64.b64encode(buf.getvalue()).decode()
+        png = remote.png_b64(grey_images(9)[0])
+        for body, reason in [(b"not json", "JSON decode error"),
+                             (json.dumps({"prompts": ["a"], "images": ["@@@"]}).encode(), "not base64 PNG data"),
+                             (json.dumps({"prompts": ["a"], "images": [jpeg]}).encode(), "is JPEG, not PNG"),
+                             (json.dumps({"prompts": ["a"], "images": [png[:60]]}).encode(), "damaged PNG"),
+                             (json.dumps({"prompts": ["a", "b"], "images": [png]}).encode(), "one prompt per image"),
+                             (json.dumps({"prompts": ["a"] * 257, "images": [png] * 257}).encode(), "1 to 256 images"),
+                             (json.dumps({"images": [png]}).encode(), "prompts")]:
+            code, text = status(body)
+            assert 400 <= code < 500 and reason in text, (code, text[:300])
+        code, text = status(json.dumps({"prompts": ["a"] * 2, "images": [png, remote.png_b64(grey_images(90)[0])]}
+                                       ).encode())  # and it still serves
+        assert code == 200 and torch.allclose(torch.tensor(json.loads(text)["scores"]),
+                                              local(grey_images(9, 90), ["a"] * 2), atol=1e-6, rtol=0)
+
+
+def test_a_reward_service_that_is_down_stops_the_run_naming_the_url(tiny, tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    assert run(tiny, tmp_path / "down", "--reward-retry", "2", reward=url) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the reward service at {url} did not answer for 2 s") and "--resume" in err
+
+
+def test_rewards_serve_refuses_what_it_cannot_serve(tmp_path, capsys):
+    from rewards import serve
+
+    for argv, message in [(["--reward", "vlm"], "--reward vlm is already a service"),
+                          (["--reward", "http://127.0.0.1:9"], "--reward http://127.0.0.1:9 is already a service"),
+                          (["--reward", "nope"], "unknown reward 'nope'"),
+                          (["--reward", "brightness", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+                          (["--reward", "brightness", "--devices", "two"], "--devices must be a number or auto"),
+                          (["--reward", "geneval"], "--reward geneval needs --prompts evaluation_metadata.jsonl"),
+                          (["--reward", "brightness", "--hpsv3-ckpt", str(tmp_path / "x")], "--hpsv3-ckpt is a weight "
+                           "file of the hpsv3 reward, which no --reward uses")]:
+        assert serve.main(argv) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {message}"), argv
+
+
+def test_vlm_compares_each_candidate_with_the_anchor_in_both_orders():
+    from rewards import vlm
+
+    with scripted_vlm() as (url, state):  # prefers the brighter image
+        reward = vlm.vlm_reward(url, "scripted")
+        scores = reward(grey_images(100, 50, 150, 100, 200) + grey_images(10, 20), ["a"] * 5 + ["b"] * 2)
+        assert scores.tolist() == [0.5, 0.0, 1.0, 0.5, 1.0, 0.5, 1.0]  # anchors: the first image of each prompt
+        assert reward.counts() == {"vlm_requests": 2 * 4 + 2 * 1, "vlm_invalid": 0} == {
+            "vlm_requests": state["requests"], "vlm_invalid": 0}
+        assert reward.counts() == {"vlm_requests": 0, "vlm_invalid": 0}  # taken: counted per update
+        rating = vlm.vlm_reward(url, "scripted", mode="rating")
+        assert torch.allclose(rating(grey_images(51, 102), ["a", "a"]), torch.tensor([2.0, 4.0]))
+    with scripted_vlm(answer='{"winner": "A", "confidence": 0.9, "reason": "first"}') as (url, state):
+        reward = vlm.vlm_reward(url, "scripted")  # pure position bias: the orders disagree, nobody wins
+        assert reward(grey_images(100, 50, 150), ["a"] * 3).tolist() == [0.5, 0.5, 0.5]
+        assert reward.counts()["vlm_invalid"] == 0
+
+
+@pytest.mark.parametrize("answer", ["not json", '{"winner": "A", "confidence": 0.9, "rea', '{"winner": "maybe"}',
+                                    '{"score": 11}'])
+def test_vlm_invalid_answers_are_asked_again_then_neutral(answer):
+    from rewards import vlm
+
+    with scripted_vlm(answer=answer) as (url, state):
+        pairwise = vlm.vlm_reward(url, "scripted")
+        assert pairwise(grey_images(100, 50, 150), ["a"] * 3).tolist() == [0.5, 0.5, 0.5]
+        assert pairwise.counts() == {"vlm_requests": 8, "vlm_invalid": 4}  # 4 questions, each asked twice
+        rating = vlm.vlm_reward(url, "scripted", mode="rating")
+        assert rating(grey_images(100, 50), ["a"] * 2).tolist() == [5.0, 5.0]  # none valid: the scale's middle
+    with scripted_vlm(invalid_first=1) as (url, state):  # the first answer invalid, its second asking valid
+        rating = vlm.vlm_reward(url, "scripted", mode="rating", reward_concurrency=1)
+        assert torch.allclose(rating(grey_images(51, 102), ["a"] * 2), torch.tensor([2.0, 4.0]))
+        assert rating.counts() == {"vlm_requests": 3, "vlm_invalid": 0}
+    with scripted_vlm(answer='{"score": 4}', invalid_first=2) as (url, state):
+        rating = vlm.vlm_reward(url, "scripted", mode="rating", reward_concurrency=1)
+        assert rating(grey_images(51, 102, 153), ["a"] * 3).tolist() == [4.0, 4.0, 4.0]  # invalid -> the valid mean
+        assert rating.counts() == {"vlm_requests": 4, "vlm_invalid": 1}
+
+
+def test_vlm_retries_a_failing_server_and_stops_on_one_that_stays_down():
+    from rewards import vlm
+
+    with scripted_vlm(fail_first=3) as (url, state):  # 503 three times, then answers
+        reward = vlm.vlm_reward(url, "scripted", reward_concurrency=1)
+        assert reward(grey_images(100, 150), ["a"] * 2).tolist() == [0.5, 1.0]
+        assert state["requests"] == 5
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=re.escape(f"the VLM server at {url} did not answer for")):
+        vlm.vlm_reward(url, "scripted", reward_retry=2)(grey_images(100, 150), ["a"] * 2)
+    assert 1 < time.monotonic() - start < 10
+
+
+def test_vlm_requests_of_a_call_are_in_flight_together_up_to_the_concurrency():
+    from rewards import vlm
+
+    images = grey_images(*range(100, 108))  # 7 candidates against the anchor: 14 requests
+    with scripted_vlm(latency=0.3) as (url, state):
+        start = time.monotonic()
+        vlm.vlm_reward(url, "scripted", reward_concurrency=16)(images, ["a"] * 8)
+        assert time.monotonic() - start < 14 * 0.3 / 2 and state["max_in_flight"] >= 8
+    with scripted_vlm(latency=0.1) as (url, state):
+        vlm.vlm_reward(url, "scripted", reward_concurrency=2)(images, ["a"] * 8)
+        assert state["max_in_flight"] <= 2
+
+
+def test_vlm_training_logs_its_requests_and_never_writes_the_key(tiny, tmp_path, monkeypatch, capfd):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("MY_VLM_KEY", secret)
+    (tmp_path / "held.txt").write_text("a lighthouse\na red barn\n")
+    with scripted_vlm() as (url, state):
+        assert run(tiny, tmp_path / "vlm", "--reward-url", url, "--reward-model", "scripted", "--reward-api-key-env",
+                   "MY_VLM_KEY", "--max-steps", "2", "--eval-every", "2", "--eval-seeds", "1",
+                   "--eval-prompts", str(tmp_path / "held.txt"), reward="vlm") == 0
+        assert state["authorization"] == f"Bearer {secret}"  # sent to the server, and only there
+    rows = metrics_of(tmp_path / "vlm")
+    train = [m for m in rows if "reward_mean" in m]
+    assert [m["vlm_requests"] for m in train] == [2 * 2 * 7] * 2 and all(m["vlm_invalid"] == 0 for m in train)
+    assert any("eval/vlm-rating" in m for m in rows)  # the watch rates with the same server
+    out = capfd.readouterr()
+    assert secret not in out.out + out.err
+    for f in (tmp_path / "vlm").rglob("*"):
+        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
+    assert json.loads((tmp_path / "vlm" / "config.json").read_text())["reward_api_key_env"] == "MY_VLM_KEY"
+
+
+def test_a_vlm_server_that_goes_down_mid_run_stops_it_and_resume_continues_exactly(tiny, tmp_path, capsys):
+    common = ("--reward-model", "scripted", "--max-steps", "4", "--save-every", "1", "--sample-every", "0",
+              "--reward-retry", "1")
+    with scripted_vlm() as (url, _):
+        assert run(tiny, tmp_path / "full", "--reward-url", url, *common, reward="vlm") == 0
+    with scripted_vlm(fail_after=2 * 28 + 5) as (url, _):  # 28 requests per update: down during update 3
+        assert run(tiny, tmp_path / "cut", "--reward-url", url, *common, reward="vlm") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert f"error: the VLM server at {url} did not answer for" in err and err.endswith("continue it with --resume")
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    with scripted_vlm() as (url, _):  # back, at another address: the URL may change on --resume
+        assert run(tiny, tmp_path / "cut", "--reward-url", url, *common, "--resume", reward="vlm") == 0
+    assert metrics_of(tmp_path / "cut") == metrics_of(tmp_path / "full")
+    assert same_lora(tmp_path / "cut", tmp_path / "full")
+
+
+def test_sigterm_while_vlm_requests_are_in_flight_stops_after_the_update(tiny, tmp_path, monkeypatch, capsys):
+    from examples import scripted_vlm as sv
+
+    rule, answered = sv.rule, []
+
+    def rule_then_signal(content):  # the server (a thread of this process) sends SIGTERM during update 2
+        answered.append(1)
+        if len(answered) == 28 + 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rule(content)
+
+    monkeypatch.setattr(sv, "rule", rule_then_signal)
+    with scripted_vlm(latency=0.01) as (url, _):
+        assert run(tiny, tmp_path / "cut", "--reward-url", url, "--reward-model", "scripted", "--max-steps", "4",
+                   "--sample-every", "0", reward="vlm") == 143
+    assert "stopped by SIGTERM after update 2" in capsys.readouterr().err
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_vlm_reward_runs_under_torchrun_as_in_one_process(tiny, tmp_path):
+    common = ["--model", tiny, "--reward", "vlm", "--reward-model", "scripted", "--candidates", "8", "--n-pos", "3",
+              "--n-neg", "3", "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--max-steps", "2",
+              "--eval-every", "0"]
+    with scripted_vlm() as (url, state):  # both processes send to the one server
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each torchrun worker
+        try:
+            assert drpo.main(common + ["--reward-url", url, "--grad-accum", "2", "--output-dir",
+                                       str(tmp_path / "one")]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        r = torchrun(*common, "--reward-url", url, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert state["requests"] == 2 * 2 * 2 * (2 * 7)  # 2 runs x 2 updates x 2 micro-steps x 14 questions
+    one, two = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
+    for a, b in zip(one, two):
+        assert a["vlm_requests"] == b["vlm_requests"] == 28
+        for key in ("reward_mean", "pos_mean", "neg_mean", "loss_pref", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_transformers_serve_with_a_tiny_vlm_answers_the_vlm_reward(tmp_path):
+    from rewards import vlm
+
+    folder = tiny_model.make_tiny_llava(tmp_path / "llava")
+    cli = Path(sys.executable).parent / "transformers"
+    with server_process([str(cli), "serve", "--host", "127.0.0.1", "--port", "{port}"], "/health", 120) as url:
+        for mode in ("pairwise", "rating"):
+            reward = vlm.vlm_reward(url + "/v1", str(folder), mode=mode, max_tokens=8)
+            scores = reward(grey_images(100, 50, 150), ["a red barn"] * 3)
+            counts = reward.counts()  # a random model's answers: mostly invalid, each asked twice
+            questions = 4 if mode == "pairwise" else 3
+            assert questions <= counts["vlm_requests"] <= 2 * questions
+            assert counts["vlm_invalid"] <= counts["vlm_requests"] - questions  # invalid: asked twice
+            assert scores.shape == (3,) and torch.isfinite(scores).all()

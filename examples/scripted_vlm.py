@@ -9,7 +9,7 @@ For the offline demo, the tests and the benchmarks of --reward vlm / vlm-rating 
 A pairwise question (two images) is answered {"winner": "A"} when the first image is the brighter (mean pixel),
 "B" when the second is, "tie" when equal; a rating question (one image) {"score": 10 x brightness}. Flags script a
 bad server: a fixed answer for every question (--answer '{"winner": "A"}' is pure position bias), invalid answers
-first, 503s first, added latency. GET /stats gives the requests answered, the most in flight at once and the
+first, 503s first or after a number of requests, added latency. GET /stats gives the requests answered, the most in flight at once and the
 Authorization header last received (so a test can check the key was sent).
 """
 import argparse
@@ -38,7 +38,8 @@ def rule(content):
     return json.dumps({"winner": "A" if a > b else "B" if b > a else "tie", "confidence": 1.0, "reason": "scripted"})
 
 
-def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, host="127.0.0.1"):
+def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, fail_after=None, host="127.0.0.1"):
+    """The server on host:port (0: a free port the OS picks, then server.server_address[1]); server.state: /stats."""
     state = {"requests": 0, "in_flight": 0, "max_in_flight": 0, "authorization": None}
     lock = threading.Lock()
 
@@ -67,7 +68,7 @@ def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, h
                 state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
             try:
                 time.sleep(latency)
-                if n <= fail_first:
+                if n <= fail_first or fail_after is not None and n > fail_after:
                     return self.reply(503, {"error": {"message": "scripted: busy", "type": "server_error"}})
                 text = ("not json" if n <= fail_first + invalid_first else
                         answer if answer is not None else rule(request["messages"][-1]["content"]))
@@ -79,7 +80,9 @@ def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, h
                 with lock:
                     state["in_flight"] -= 1
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.state = state
+    return server
 
 
 def main():
@@ -89,9 +92,11 @@ def main():
     p.add_argument("--answer", help="answer every question with this text instead of the brightness rule")
     p.add_argument("--invalid-first", type=int, default=0, help="answer the first N questions with invalid text")
     p.add_argument("--fail-first", type=int, default=0, help="answer the first N requests with HTTP 503")
+    p.add_argument("--fail-after", type=int, help="answer every request after the N-th with HTTP 503 (a server that "
+                   "goes down)")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     a = p.parse_args()
-    make_server(a.port, a.answer, a.invalid_first, a.fail_first, a.latency).serve_forever()
+    make_server(a.port, a.answer, a.invalid_first, a.fail_first, a.latency, a.fail_after).serve_forever()
 
 
 if __name__ == "__main__":

@@ -176,6 +176,38 @@ def make_tiny_judge(out_dir, seed=0):
     return out_dir
 
 
+def make_tiny_llava(out_dir, seed=0):
+    """A tiny random LLaVA-architecture VLM folder that `transformers serve DIR` serves over the OpenAI protocol
+    (Qwen3-VL's processor needs torchvision, which these CPU machines lack): a toy CLIP vision tower, a toy Qwen2
+    text model, the Qwen2 tokenizer of fixtures/hpsv3_tiny with an <image> token, and a chat template that puts
+    one <image> per image item. For tests and demos of --reward vlm: its answers are random tokens."""
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, Qwen2Config)
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "hpsv3_tiny" / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id, eos = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=16, projection_dim=32)
+    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=eos, pad_token_id=eos)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=4)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(out_dir)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+                "{% else %}{% for c in m['content'] %}{% if c['type'] in ('image', 'image_url') %}<image>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    processor = LlavaProcessor(LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                               tokenizer, patch_size=16, vision_feature_select_strategy="default",
+                               chat_template=template, image_token="<image>", num_additional_image_tokens=1)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL or SANA-Sprint pipeline (diffusers "
                                  "folder), or a tiny random Qwen3-VL judge, to DIR.")
