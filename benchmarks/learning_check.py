@@ -6,6 +6,8 @@ prompts that were not used in training.
 
     python benchmarks/learning_check.py --out /tmp/learn           # on `--model tiny`
     python benchmarks/learning_check.py --out /tmp/learn --model tiny-sana   # (or tiny-sdxl)
+    python benchmarks/learning_check.py --out /tmp/learn --vlm   # ranked by a scripted VLM server that
+                                                                 # prefers the brighter image of each pair
 """
 import argparse
 import json
@@ -51,15 +53,27 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", default="1e-3")
+    ap.add_argument("--vlm", action="store_true", help="train with --reward vlm against examples/scripted_vlm.py "
+                    "(on a free port) instead of the brightness reward")
     args = ap.parse_args()
+    vlm = []
+    if args.vlm:
+        import threading
+
+        from examples import scripted_vlm
+        server = scripted_vlm.make_server(0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        vlm = ["--reward-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--reward-model", "scripted",
+               "--eval-every", "0"]
     model = drpo.resolve_model(args.model)
     base, spread = heldout_brightness(model)
     result = {"base": base, "base_std_over_images": spread}
-    for reward in ("brightness", "random"):
+    for reward in ("vlm" if args.vlm else "brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
         drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", args.lr,
-                   "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite"])
+                   "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite",
+                   *(vlm if reward == "vlm" else [])])
         result[reward] = {"heldout": heldout_brightness(model, out)[0], "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
     print(json.dumps(result, indent=2))

@@ -38,6 +38,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -81,7 +82,15 @@ def add_flags(group):
 
 def check_flags(a, rewards):
     """The served rewards' flags in a (vars of the arguments), against the rewards in use (names)."""
-    vlm, served = any(r in ("vlm", "vlm-rating") for r in rewards), any(r.startswith("http") for r in rewards)
+    vlm = next((r for r in rewards if r in ("vlm", "vlm-rating")), None)
+    served = [r for r in rewards if r.startswith(("http://", "https://"))]
+    for url in served:
+        try:
+            ok = urllib.parse.urlsplit(url).hostname and urllib.parse.urlsplit(url).port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--reward {url}: not a URL like http://HOST:PORT of a reward service")
     for key in (k for k in FLAGS if a.get(k) is not None):
         if not (vlm or served and key not in VLM_ONLY):
             raise ValueError(f"--{key.replace('_', '-')} is a setting of " + ("--reward vlm / vlm-rating" if key in
@@ -89,7 +98,7 @@ def check_flags(a, rewards):
     if vlm:
         for key in ("reward_url", "reward_model"):
             if not a.get(key):
-                raise ValueError(f"--reward vlm needs --{key.replace('_', '-')} (" + FLAGS[key]["help"].split(": ")[1]
+                raise ValueError(f"--reward {vlm} needs --{key.replace('_', '-')} (" + FLAGS[key]["help"].split(": ")[1]
                                  + ")")
         if not re.match(r"https?://", a["reward_url"]):
             raise ValueError(f"--reward-url {a['reward_url']}: not an http:// or https:// URL")
