@@ -80,7 +80,10 @@ def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, f
                 with lock:
                     state["in_flight"] -= 1
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128  # the default backlog, 5, makes a 6th client connecting at once wait a second
+
+    server = Server((host, port), Handler)
     server.state = state
     return server
 
