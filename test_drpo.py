@@ -2987,3 +2987,15 @@ def test_transformers_serve_with_a_tiny_vlm_answers_the_vlm_reward(tmp_path):
             assert questions <= counts["vlm_requests"] <= 2 * questions
             assert counts["vlm_invalid"] <= counts["vlm_requests"] - questions  # invalid: asked twice
             assert scores.shape == (3,) and torch.isfinite(scores).all()
+
+
+def test_torchrun_processes_share_one_reward_service_and_train_as_in_process(tiny, tmp_path):
+    common = ["--model", tiny, "--candidates", "8", "--n-pos", "3", "--n-neg", "3", "--lr", "1e-2", "--seed", "0",
+              "--sample-every", "0", "--max-steps", "2", "--eval-every", "0", "--grad-accum", "1"]
+    with reward_service("brightness") as url:
+        r = torchrun(*common, "--reward", url, "--output-dir", str(tmp_path / "served"))
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(*common, "--reward", "brightness", "--output-dir", str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert metrics_of(tmp_path / "served") == metrics_of(tmp_path / "local")
+    assert same_lora(tmp_path / "served", tmp_path / "local")
