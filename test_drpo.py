@@ -2999,3 +2999,18 @@ def test_torchrun_processes_share_one_reward_service_and_train_as_in_process(tin
     assert r.returncode == 0, r.stderr[-3000:]
     assert metrics_of(tmp_path / "served") == metrics_of(tmp_path / "local")
     assert same_lora(tmp_path / "served", tmp_path / "local")
+
+
+def test_eval_rates_each_image_with_a_vlm_server(tiny, tmp_path):
+    import csv
+
+    import eval as ev
+
+    common = ["--model", tiny, "--max-prompts", "2", "--seeds", "2"]
+    with scripted_vlm() as (url, _):  # rates 10 x brightness
+        assert ev.main([*common, "--reward", "vlm-rating", "--reward-url", url, "--reward-model", "scripted",
+                        "--out", str(tmp_path / "vlm")]) == 0
+    assert ev.main([*common, "--reward", "brightness", "--out", str(tmp_path / "b")]) == 0
+    rated, bright = ([float(r[key]) for r in csv.DictReader(open(tmp_path / d / "scores.csv"))]
+                     for d, key in (("vlm", "vlm-rating"), ("b", "brightness")))
+    assert len(rated) == 4 and rated == pytest.approx([10 * b for b in bright], abs=1e-3)
