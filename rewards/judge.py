@@ -57,12 +57,8 @@ def swapped(prompt_id, seed, salt=SALT):
     return int(hashlib.sha256(f"{salt}:{prompt_id}:{seed}".encode()).hexdigest()[:8], 16) % 2 == 1
 
 
-def parse_verdict(text):
-    """An answer -> "A", "B", "tie", or None when it holds no JSON object with such a "winner".
-
-    Code fences and text around the object are allowed; the first object with a "winner" decides.
-    Case and surrounding spaces of the winner do not matter ("b", " Tie "). A bare "A" is not JSON:
-    invalid, as is anything else a judge might ramble."""
+def first_object_with(text, key):
+    """The first JSON object in text that has key, or None. Code fences and text around it are allowed."""
     text = re.sub(r"```(?:json)?", "", str(text))
     decoder = json.JSONDecoder()
     for start in (m.start() for m in re.finditer(r"\{", text)):
@@ -70,10 +66,19 @@ def parse_verdict(text):
             obj, _ = decoder.raw_decode(text, start)
         except ValueError:
             continue
-        if isinstance(obj, dict) and "winner" in obj:
-            winner = str(obj["winner"]).strip().lower()
-            return {"a": "A", "b": "B", "tie": "tie"}.get(winner)
+        if isinstance(obj, dict) and key in obj:
+            return obj
     return None
+
+
+def parse_verdict(text):
+    """An answer -> "A", "B", "tie", or None when it holds no JSON object with such a "winner".
+
+    Code fences and text around the object are allowed; the first object with a "winner" decides.
+    Case and surrounding spaces of the winner do not matter ("b", " Tie "). A bare "A" is not JSON:
+    invalid, as is anything else a judge might ramble."""
+    obj = first_object_with(text, "winner")
+    return None if obj is None else {"a": "A", "b": "B", "tie": "tie"}.get(str(obj["winner"]).strip().lower())
 
 
 def winner_of(verdict, a, b):

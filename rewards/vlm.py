@@ -33,7 +33,6 @@ servers accept.
 import base64
 import concurrent.futures
 import io
-import json
 import os
 import re
 import threading
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.judge import INSTRUCTION, NAMES, consistent, parse_verdict, winner_of
+from rewards.judge import INSTRUCTION, NAMES, consistent, first_object_with, parse_verdict, winner_of
 
 RATING = """You judge text-to-image generation. This image was generated for the prompt:
 
@@ -124,18 +123,9 @@ def read_template(path):
 
 def parse_rating(text):
     """An answer -> its "score" in [0, 10] as a float, or None: strict, as judge.parse_verdict."""
-    text = re.sub(r"```(?:json)?", "", str(text))
-    decoder = json.JSONDecoder()
-    for start in (m.start() for m in re.finditer(r"\{", text)):
-        try:
-            obj, _ = decoder.raw_decode(text, start)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "score" in obj:
-            score = obj["score"]
-            ok = isinstance(score, (int, float)) and not isinstance(score, bool) and 0 <= score <= 10
-            return float(score) if ok else None
-    return None
+    score = (first_object_with(text, "score") or {}).get("score")
+    ok = isinstance(score, (int, float)) and not isinstance(score, bool) and 0 <= score <= 10
+    return float(score) if ok else None
 
 
 def data_url(image):
