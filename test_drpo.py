@@ -3014,3 +3014,42 @@ def test_eval_rates_each_image_with_a_vlm_server(tiny, tmp_path):
     rated, bright = ([float(r[key]) for r in csv.DictReader(open(tmp_path / d / "scores.csv"))]
                      for d, key in (("vlm", "vlm-rating"), ("b", "brightness")))
     assert len(rated) == 4 and rated == pytest.approx([10 * b for b in bright], abs=1e-3)
+
+
+def test_the_service_client_retries_busy_answers_and_names_refusals():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rewards import remote
+
+    answers = [(503, b"busy"), (429, b"slow down"), (200, b'{"scores": [0.25]}'), (400, b"images[0] is JPEG")]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            code, body = answers.pop(0)
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/score"
+    try:
+        start = time.monotonic()
+        assert json.loads(remote.post_json(url, {"x": 1}, 10, 20, "the service")) == {"scores": [0.25]}
+        assert 1.4 < time.monotonic() - start < 5  # waited 0.5 s, then 1 s
+        with pytest.raises(ValueError, match="the service refused the request: HTTP 400 images\\[0\\] is JPEG"):
+            remote.post_json(url, {"x": 1}, 10, 20, "the service")
+        answers.extend([(503, b"busy")] * 10)
+        start = time.monotonic()
+        with pytest.raises(ConnectionError, match=r"the service did not answer for \d+ s \(last: HTTP 503\)"):
+            remote.post_json(url, {"x": 1}, 10, 3, "the service")
+        assert time.monotonic() - start < 4  # gave up within the retry time
+    finally:
+        server.shutdown()
+        server.server_close()
