@@ -1518,8 +1518,15 @@ print("ok", [round(float(s), 4) for s in scores])
                        "F / 'imagereward_tiny' / 'med_config.json', F / 'imagereward_tiny' / 'tokenizer')",
         "geneval": f"port.geneval_reward({str(meta)!r}, 'cpu', {str(det)!r}, {str(tiny_clip)!r})",
     }
-    ports = {p.stem for p in (root / "rewards").glob("*.py")} - {"__init__", "judge"}  # judge: its own test below
+    # judge: its own test below; serve serves drpo's rewards, so it imports drpo; the clients of served rewards,
+    # vlm and remote, need a server to score (tested against real ones below): here they import without drpo
+    clients = ["vlm", "remote"]
+    ports = {p.stem for p in (root / "rewards").glob("*.py")} - {"__init__", "judge", "serve", *clients}
     assert sorted(calls) == sorted(ports)
+    done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import rewards.vlm, "
+                           f"rewards.remote; assert 'drpo' not in sys.modules, 'imported drpo'"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
     for name, call in calls.items():
         done = subprocess.run([sys.executable, "-c", script.replace("{name}", name).replace("{call}", call)],
                               capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -2699,7 +2706,8 @@ def server_process(argv, health, seconds=90):
     port = free_port()
     proc = subprocess.Popen([a.format(port=port) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, cwd=Path(__file__).resolve().parent,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                                str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))})
     try:
         wait_for(f"http://127.0.0.1:{port}{health}", proc, seconds)
         yield f"http://127.0.0.1:{port}"
@@ -3053,3 +3061,26 @@ def test_the_service_client_retries_busy_answers_and_names_refusals():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_service_serves_a_ported_reward_with_its_weight_files_and_your_own_function(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from rewards import remote
+
+    exp = json.loads((HPS / "expected.json").read_text())
+    images = [Image.open(HPS / p) for p in exp["images"]]
+    (tmp_path / "usermod.py").write_text("import torch\n\ndef darkness(images, prompts):\n"
+                                         "    return torch.tensor([-float(sum(im.convert('L').getdata())) for im in "
+                                         "images])\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the server imports usermod
+    paths = ["--hpsv3-ckpt", str(HPS / "HPSv3.safetensors"), "--hpsv3-base", str(HPS / "base")]
+    with reward_service("hpsv3", *paths, "--reward-batch", "4") as url:  # the published scores, through HTTP
+        scores = remote.served_reward(url)(images, exp["prompts"])
+    torch.testing.assert_close(scores, torch.tensor([s[0] for s in exp["scores_batch"]]), rtol=0, atol=2e-5)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "hpsv3,usermod:darkness:0.5"
+    with reward_service(spec, *paths) as url:
+        served = remote.served_reward(url)(images, exp["prompts"])
+    local = drpo.load_reward(spec, hpsv3_ckpt=HPS / "HPSv3.safetensors", hpsv3_base=HPS / "base")
+    torch.testing.assert_close(served, local(images, exp["prompts"]), rtol=0, atol=1e-5)

@@ -20,9 +20,8 @@ no position bias, but coarser: models rate absolutely far less reliably than the
 Invalid answers (no JSON object with a valid "winner" or "score", a truncated answer) are never a win or a loss:
 each is asked once more (a server that decodes greedily answers the same again), then counted invalid and given a
 neutral score: pairwise, the candidate scores 0.5, as for a tie; rating, the mean of the prompt's valid ratings
-(5 when there are none). `reward.counts()`
-gives and resets the requests and invalid answers since its last call: drpo.py logs them per update in
-metrics.jsonl as vlm_requests and vlm_invalid.
+(5 when there are none). `reward.counts()` gives and resets the requests and invalid answers since its last
+call: drpo.py logs them per update in metrics.jsonl as vlm_requests and vlm_invalid.
 
 A call's requests are all in flight at once, at most --reward-concurrency. Connection errors, timeouts, 429 and
 5xx are retried with backoff (0.5 s doubling to 8 s) for --reward-retry seconds; then the run stops with the URL
