@@ -147,11 +147,14 @@ def vlm_reward(reward_url, reward_model, reward_template=None, reward_concurrenc
     counts, lock = {"vlm_requests": 0, "vlm_invalid": 0}, threading.Lock()
     transient = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
     parse = parse_verdict if mode == "pairwise" else parse_rating
+    down = []  # the first request that gave up: the others then give up at once, with its message
 
     def answer(content):
         """One request -> its answer's text, retrying transient failures for retry_s seconds."""
         start, wait = time.monotonic(), 0.5
         while True:
+            if down:
+                raise ConnectionError(down[0])
             try:
                 reply = client.chat.completions.create(model=reward_model, max_tokens=max_tokens, temperature=0.0,
                                                        messages=[{"role": "user", "content": content}])
@@ -164,9 +167,10 @@ def vlm_reward(reward_url, reward_model, reward_template=None, reward_concurrenc
                                                       if e.status_code in (401, 403) else "")) from None
             waited = time.monotonic() - start
             if waited + wait > retry_s:
-                raise ConnectionError(f"the VLM server at {reward_url} did not answer for {waited:.0f} s (last: "
-                                      f"{error[:200]}). Start it, or fix --reward-url, or raise --reward-retry; a "
-                                      f"training run's last checkpoint is intact: continue it with --resume") from None
+                down.append(f"the VLM server at {reward_url} did not answer for {waited:.0f} s (last: {error[:200]}). "
+                            f"Start it, or fix --reward-url, or raise --reward-retry; a training run's last "
+                            f"checkpoint is intact: continue it with --resume")
+                raise ConnectionError(down[0]) from None
             time.sleep(wait)
             wait = min(2 * wait, 8.0)
 
@@ -186,6 +190,14 @@ def vlm_reward(reward_url, reward_model, reward_template=None, reward_concurrenc
         return None
 
     def reward(images, prompts):
+        down.clear()
+        try:
+            return scores_of(images, prompts)
+        except BaseException:
+            down.append(down[0] if down else "the reward call was interrupted")  # the queued requests stop at once
+            raise
+
+    def scores_of(images, prompts):
         urls = list(pool.map(data_url, images))
         groups = {}  # prompt -> the indices of its images; the first is the anchor
         for i, p in enumerate(prompts):
