@@ -3074,9 +3074,9 @@ def test_the_service_serves_a_ported_reward_with_its_weight_files_and_your_own_f
 
     exp = json.loads((HPS / "expected.json").read_text())
     images = [Image.open(HPS / p) for p in exp["images"]]
-    (tmp_path / "usermod.py").write_text("import torch\n\ndef darkness(images, prompts):\n"
-                                         "    return torch.tensor([-float(sum(im.convert('L').getdata())) for im in "
-                                         "images])\n")
+    (tmp_path / "usermod.py").write_text("import numpy, torch\n\ndef darkness(images, prompts):\n"
+                                         "    return torch.tensor([-float(numpy.asarray(im.convert('L')).mean()) for im "
+                                         "in images])\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the server imports usermod
     paths = ["--hpsv3-ckpt", str(HPS / "HPSv3.safetensors"), "--hpsv3-base", str(HPS / "base")]
     with reward_service("hpsv3", *paths, "--reward-batch", "4") as url:  # the published scores, through HTTP

@@ -78,8 +78,9 @@ class RewardAPI(ls.LitAPI):
 
     def setup(self, device):
         a = self.args
+        paths = {k: getattr(a, k) for k in drpo.REWARD_PATHS}
         self.reward = drpo.load_reward(a.reward, device, a.reward_batch, drpo.precision_dtype(a.reward_precision,
-                                       device), geneval_metadata=a.prompts, **drpo.reward_options(a))
+                                       device), geneval_metadata=a.prompts, **paths)
 
     def decode_request(self, request: ScoreRequest):
         return [decode_png(text, i) for i, text in enumerate(request.images)], request.prompts
@@ -126,7 +127,8 @@ def build_parser():
     p.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="reward dtype: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--prompts", help="GenEval's evaluation_metadata.jsonl, for --reward geneval")
-    drpo.add_reward_path_flags(p)
+    for key, what in drpo.REWARD_PATHS.items():  # the weight files (a served reward has no VLM settings)
+        p.add_argument("--" + key.replace("_", "-"), metavar="PATH", help=f"local {what}")
     return p
 
 
