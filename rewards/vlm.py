@@ -29,9 +29,7 @@ and the remedy. The API key is read from the environment variable --reward-api-k
 client library does), and is never written anywhere; with the variable unset a placeholder is sent, which local
 servers accept.
 """
-import base64
 import concurrent.futures
-import io
 import os
 import re
 import threading
@@ -42,6 +40,7 @@ from pathlib import Path
 import torch
 
 from rewards.judge import INSTRUCTION, NAMES, consistent, first_object_with, parse_verdict, winner_of
+from rewards.remote import png_b64  # the service client's PNG encoding
 
 RATING = """You judge text-to-image generation. This image was generated for the prompt:
 
@@ -128,9 +127,7 @@ def parse_rating(text):
 
 
 def data_url(image):
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + png_b64(image)
 
 
 def vlm_reward(reward_url, reward_model, reward_template=None, reward_concurrency=None, reward_api_key_env=None,
