@@ -64,7 +64,7 @@ class ScoreRequest(BaseModel):
         if not 1 <= len(self.images) <= MAX_IMAGES or len(self.prompts) != len(self.images):
             raise ValueError(f"send 1 to {MAX_IMAGES} images and one prompt per image, got {len(self.images)} "
                              f"images and {len(self.prompts)} prompts")
-        for i, text in enumerate(self.images):
+        for i, text in enumerate(self.images):  # decoded in full (again in the worker): a damaged file shows only then
             decode_png(text, i)
         return self
 
