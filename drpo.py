@@ -289,31 +289,59 @@ def rows(cond, f):
     return {k: rows(v, f) if isinstance(v, dict) else f(v) for k, v in cond.items()}
 
 
-def one_step_recipe(scheduler, timestep=None):
-    """The stock pipeline's single step as (t, c_in, c_z, c_out): the UNet sees c_in * z at timestep t and
-    x0 = c_z * z + c_out * its output. Read off a copy of the pipeline's scheduler set for num_inference_steps=1
-    (or timesteps=[timestep], e.g. DMD2's 399), so prediction type and input scaling are the scheduler's.
-    SD-Turbo: c_in = sqrt(1 - a), c_z = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
+def step_recipe(scheduler, steps=1, timesteps=None):
+    """The stock pipeline's sampling steps as [(t, c_in, c_x, c_out, c_eps)], one per step: the network sees c_in * x
+    at timestep t, and the step gives c_x * x + c_out * its output + c_eps * fresh unit noise, from x = z, unit noise
+    (init_noise_sigma is folded into the first step). Read off a copy of the pipeline's scheduler set for
+    num_inference_steps=steps (or timesteps, e.g. DMD2's 399 or 999,749,499,249), so prediction type, input scaling
+    and fresh noise (LCM, Euler-ancestral between steps; 0 elsewhere) are the scheduler's. SD-Turbo's one step:
+    c_in = sqrt(1 - a), c_x = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
     import copy
-    s = copy.deepcopy(scheduler)
-    s.set_timesteps(1) if timestep is None else s.set_timesteps(timesteps=[timestep])
-    t, init = s.timesteps[0], s.init_noise_sigma
-    c_in = float(s.scale_model_input(torch.ones(1) * init, t))
-    # One step on the probes (z, output) = (1, 0), (0, 1), then (1, 1), (2, 3) to check that it is affine.
-    x0 = s.step(torch.tensor([0.0, 1, 1, 3]), t, torch.tensor([1.0, 0, 1, 2]) * init).prev_sample.double()
-    c_z, c_out = x0[:2].tolist()
-    if (x0[2:] - torch.tensor([c_z + c_out, 2 * c_z + 3 * c_out])).abs().max() > 1e-5 * (abs(c_z) + abs(c_out)):
-        raise ValueError(f"{type(scheduler).__name__}'s one step is not affine in the noise and the UNet's output "
-                         f"(thresholding or clipping?); use an Euler or LCM scheduler, as the one-step models do")
-    return float(t), c_in, c_z, c_out
+    s, recipe, name = copy.deepcopy(scheduler), [], type(scheduler).__name__
+    s.set_timesteps(steps) if timesteps is None else s.set_timesteps(timesteps=list(timesteps))
+    if len(s.timesteps) > 1 and any(hasattr(s, a) for a in ("model_outputs", "ets", "state_in_first_order")):
+        raise ValueError(f"{name} remembers earlier steps (a multistep solver), so its steps are not one affine "
+                         f"map each; use an Euler, Euler-ancestral, LCM or DDIM scheduler, as the few-step models do")
+    scale, e = s.init_noise_sigma, torch.randn(5, generator=torch.Generator().manual_seed(0))  # e: the probes' noise
+    for t in s.timesteps:
+        c_in = float(s.scale_model_input(torch.ones(1) * scale, t))
+        # One step on the probes (x, output) = (1, 0), (0, 1), then (1, 1), (2, 3) to check that it is affine, and
+        # (0, 0), which leaves the fresh noise alone; the step draws e from the generator, as in the stock pipeline.
+        x = s.step(torch.tensor([0.0, 1, 1, 3, 0]), t, torch.tensor([1.0, 0, 1, 2, 0]) * scale,
+                   generator=torch.Generator().manual_seed(0)).prev_sample.double()
+        c_eps = float(x[4] / e[4])
+        c_x, c_out = (x[:2] - c_eps * e[:2]).tolist()
+        if (x[2:4] - c_eps * e[2:4] - torch.tensor([c_x + c_out, 2 * c_x + 3 * c_out])).abs().max() > \
+                1e-5 * (abs(c_x) + abs(c_out) + abs(c_eps)):
+            raise ValueError(f"{name}'s step is not affine in the noise and the network's output (thresholding or "
+                             f"clipping?); use an Euler or LCM scheduler, as the one- and few-step models do")
+        recipe.append((float(t), c_in, c_x, c_out, c_eps))
+        scale = 1.0
+    return recipe
 
 
-def one_step(net, z, cond, recipe):
-    """The clean latent x0 = c_z * z + c_out * net(c_in * z, t) from unit noise z, as the stock pipeline
-    computes it on the same noise. recipe: one_step_recipe(); cond: unet_conditioning(), a row per z."""
-    t, c_in, c_z, c_out = recipe
-    out = net((c_in * z.float()).to(net.dtype), timestep=torch.full((len(z),), t, device=z.device), **cond).sample
-    return c_z * z.float() + c_out * out.float()
+def noise_draws(recipe):
+    """Unit noises per sample: the start, then one per step if the scheduler adds fresh noise between steps."""
+    return 1 + len(recipe) if any(step[4] for step in recipe) else 1
+
+
+def generate(net, z, cond, recipe, grad_steps=None):
+    """x0 = G(z): the recipe's steps from unit noise z, as the stock pipeline computes them on the same noises.
+    z: (n, C, h, w), or (n, noise_draws, C, h, w): z[:, 0] starts, z[:, 1 + i] is step i's fresh noise; cond: the
+    network's keywords, a row per sample. With grad enabled, only the last grad_steps steps (None: all) keep a
+    graph; with gradient checkpointing on, each step is recomputed in backward: memory near one step's at any N."""
+    from torch.utils.checkpoint import checkpoint
+    z = z[:, None] if z.dim() == 4 else z
+    x, n, grad = z[:, 0].float(), len(recipe), torch.is_grad_enabled()
+    for i, (t, c_in, c_x, c_out, c_eps) in enumerate(recipe):
+        call = lambda x, t=t, c_in=c_in: net((c_in * x).to(net.dtype), timestep=torch.full(
+            (len(x),), t, device=x.device), **cond).sample.float()  # (a checkpoint's recompute: this step's t)
+        with torch.set_grad_enabled(grad and i >= n - (grad_steps or n)):
+            per_step = n > 1 and torch.is_grad_enabled() and net.is_gradient_checkpointing
+            x = c_x * x + c_out * (checkpoint(call, x, use_reentrant=False) if per_step else call(x))
+        if c_eps:
+            x = x + c_eps * z[:, 1 + i].float()
+    return x
 
 
 def decode(vae, latents):
@@ -376,13 +404,13 @@ def train(args, stop_asked=()):
         device = torch.device("cuda", local_rank)
     dtype = precision_dtype(args.precision, device)
     out = Path(args.output_dir)
-    pairs = read_pairs(args.pairs) if args.pairs else None  # offline: {prompt: (chosen, rejected) images}
+    pairs = args.pairs and beside("rewards.pairs").read_pairs(args.pairs)  # offline: {prompt: (chosen, rejected)}
     prompts = list(pairs) if pairs else read_prompts(args.prompts)
     out.mkdir(parents=True, exist_ok=True)
 
     # Models: the generator (frozen), a LoRA on its network (trainable), the reward, the feature map.
     with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
-        model = load_generator(args.model, dtype, device, args.timestep)
+        model = load_generator(args.model, dtype, device, args.inference_steps, args.timesteps)
         net, vae, recipe = model.net, model.pipe.vae, model.recipe  # the UNet (SANA: the transformer)
         torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
         params = add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
@@ -390,11 +418,10 @@ def train(args, stop_asked=()):
             net.enable_gradient_checkpointing()
         phi = load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
                             dtype=dtype, layers=args.teacher_layers and args.teacher_layers.split(","))
-        shape = latent_shape(model, args.resolution)
+        shape, draws = latent_shape(model, args.resolution), noise_draws(recipe)  # draws: unit noises per sample
         side = shape[-1] * model.pipe.vae_scale_factor  # image side in pixels
         if pairs:  # offline preference pairs: each image VAE-encoded once, kept in memory
-            paths = sorted({p for chosen, rejected in pairs.values() for p in (*chosen, *rejected)})
-            latent_of = dict(zip(paths, encode_images(model, paths, side)))
+            latent_of = beside("rewards.pairs").latents_of(pairs, model, side)
         else:
             reward_device = reward_device_of(args.reward_device, device, local_rank)
             reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
@@ -411,7 +438,7 @@ def train(args, stop_asked=()):
 
     # All randomness of the loop (prompt order, noises) comes from one torch.Generator, saved in checkpoints.
     rng = torch.Generator().manual_seed(args.seed)
-    grid_noises = torch.randn((args.grid_noises, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+    grid_noises = torch.randn((args.grid_noises, draws, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
     step, order = start_or_resume(args, net, optimizer, rng, rank, world)
     # Held-out evaluation (--eval-every): eval.py's scores of fixed (prompt, seed) images; the base's at update 0.
     watch = args.eval_every and beside("eval").Watch(args, model, phi, None if pairs else reward_fn, step, rank, world)
@@ -426,7 +453,7 @@ def train(args, stop_asked=()):
                 while len(order) < B:  # walk through the prompts in a fresh random order each epoch
                     order += torch.randperm(len(prompts), generator=rng).tolist()
                 batch, order = [prompts[i] for i in order[:B]], order[B:]
-                z = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
+                z = torch.randn((B * K, draws, *shape), generator=rng).to(device, dtype)  # start (+ fresh) noises
                 feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
                 if pairs:  # the anchors' feature noise
                     anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
@@ -436,12 +463,12 @@ def train(args, stop_asked=()):
                 cond = rows(prompt_cond, lambda v: v.repeat_interleave(K, 0))  # one row per candidate
 
                 # 1. Sample: K candidates from G_theta (unchunked, with the graph step 5 backpropagates) and,
-                # on the same noises, from the base G_0.
+                # on the same noises, from the base G_0; each through the sampler's N steps (one for SD-Turbo).
                 with torch.set_grad_enabled(C >= K), autocast:
-                    x = one_step(net, z, cond, recipe)
+                    x = generate(net, z, cond, recipe, args.grad_steps)
                 lap("sample")
                 with torch.no_grad(), autocast, lora_off(net):
-                    r = one_step(net, z, cond, recipe)
+                    r = generate(net, z, cond, recipe)
                 lap("reference")
 
                 # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
@@ -484,7 +511,7 @@ def train(args, stop_asked=()):
                         part = lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
                         cc = rows(cond, part)
                         with autocast:
-                            fx = phi(one_step(net, part(z), cc, recipe), part(feat_noise), cc)
+                            fx = phi(generate(net, part(z), cc, recipe, args.grad_steps), part(feat_noise), cc)
                     fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
                     (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
                 lap("backward")
@@ -865,7 +892,7 @@ def model_class(model):
     except (OSError, ValueError, KeyError) as e:
         raise model_error(model, path, e) from e
     if name not in (*PIPELINES, *FAMILIES):
-        why = f": {MULTI_STEP[name]}, and DrPO trains one-step generators" if name in MULTI_STEP else ""
+        why = f": {MULTI_STEP[name]}, and has no DrPO generator file yet" if name in MULTI_STEP else ""
         raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join([*PIPELINES, *FAMILIES])} "
                          f"(SD-Turbo, SDXL-Turbo, one-step SDXL UNets such as DMD2's, SANA-Sprint: docs/models.md)")
     return path, name
@@ -886,24 +913,25 @@ def load_pipeline(model, dtype=torch.float32):
     return pipe
 
 
-def load_generator(model, dtype=torch.float32, device="cpu", timestep=None):
-    """--model as the loop sees a generator: SD / SDXL here (unet_generator), other families from their file."""
+def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timesteps=None):
+    """--model as the loop sees a generator: SD / SDXL here (unet_generator), other families from their file.
+    steps, timesteps: --inference-steps, --timesteps (None: the model's own, one step for the UNets)."""
     pipe = load_pipeline(model, dtype).to(device)
     family = FAMILIES.get(type(pipe).__name__)
-    return beside(family).generator(pipe, timestep) if family else unet_generator(pipe, timestep)
+    return (beside(family).generator if family else unet_generator)(pipe, steps, timesteps)
 
 
-def unet_generator(pipe, timestep=None):
+def unet_generator(pipe, steps=None, timesteps=None):
     """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields. net: the
-    trainable network, pipe.<name>; conditioning(prompts, side): its keywords, a row per prompt; recipe: one_step's;
+    trainable network, pipe.<name>; conditioning(prompts, side): its keywords, a row per prompt; recipe: step_recipe's;
     teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] -> latents before the VAE's
-    scaling factor; stock_call: the stock pipeline's call keywords that sample what one_step does (but size, prompt)."""
+    scaling factor; stock_call: the stock pipeline's call keywords that sample what generate does (but size, prompt)."""
     return types.SimpleNamespace(pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(
-                                 unet_conditioning, pipe), recipe=one_step_recipe(pipe.scheduler, timestep),
+                                 unet_conditioning, pipe), recipe=step_recipe(pipe.scheduler, steps or 1, timesteps),
                                  teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0")),
                                  encode=lambda images: pipe.vae.encode(images).latent_dist.mean,
-                                 stock_call=dict(guidance_scale=0.0, **{"num_inference_steps": 1} if timestep is None
-                                                 else {"timesteps": [timestep]}))
+                                 stock_call=dict(guidance_scale=0.0, **{"num_inference_steps": steps or 1} if
+                                                 timesteps is None else {"timesteps": list(timesteps)}))
 
 
 def precision_dtype(precision, device):
@@ -928,11 +956,11 @@ def latent_shape(model, resolution=None):
 
 @torch.no_grad()
 def sample(model, prompts, noises):
-    """One-step samples of every prompt on every noise (prompt-major), LoRA as set: (latents, their conditioning)."""
+    """Samples of every prompt on every noise (prompt-major), LoRA as set: (latents, their conditioning)."""
     cond = rows(model.conditioning(prompts, noises.shape[-1] * model.pipe.vae_scale_factor),
                 lambda v: v.repeat_interleave(len(noises), 0))
-    z = noises.repeat(len(prompts), 1, 1, 1).to(model.net.device, model.net.dtype)
-    return one_step(model.net, z, cond, model.recipe), cond
+    z = noises.repeat(len(prompts), *[1] * (noises.dim() - 1)).to(model.net.device, model.net.dtype)
+    return generate(model.net, z, cond, model.recipe), cond
 
 
 def sample_images(model, prompts, noises):
@@ -1087,59 +1115,6 @@ def read_prompts(path, flag="--prompts"):
     return prompts
 
 
-@functools.lru_cache(maxsize=1)  # check_args and train read the same file: check its images once
-def read_pairs(path):
-    """--pairs FILE.jsonl: one {"prompt", "chosen", "rejected"} per line (image paths relative to the
-    file's folder, or absolute) -> {prompt: (chosen paths, rejected paths)} in file order. Every
-    line and image is checked here, before anything loads; errors name the file and line."""
-    from PIL import Image
-    path, pairs = Path(path), {}
-    if not path.is_file():
-        raise FileNotFoundError(f"--pairs {path}: no such file; give a JSON-lines file with one "
-                                f'{{"prompt": ..., "chosen": IMAGE, "rejected": IMAGE}} per line')
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"--pairs {path}, line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where} is not JSON ({e}); write one JSON object per line") from e
-        missing = [k for k in ("prompt", "chosen", "rejected")
-                   if not (isinstance(row, dict) and isinstance(row.get(k), str) and row[k])]
-        if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}; each line needs prompt, chosen and rejected, "
-                             f"each a non-empty string")
-        images = [(path.parent / Path(row[k]).expanduser()).resolve() for k in ("chosen", "rejected")]
-        for key, image in zip(("chosen", "rejected"), images):  # (an absolute path stays as it is)
-            try:
-                with Image.open(image) as im:
-                    im.verify()
-            except Exception as e:  # missing, or one of the several errors PIL raises for a broken file
-                raise ValueError(f"{where}: {key} image {image} cannot be read as an image ({e})") from e
-        if images[0] == images[1]:
-            raise ValueError(f"{where}: chosen and rejected are the same image, which states no preference; "
-                             f"remove the line")
-        for side, image in zip(pairs.setdefault(row["prompt"], ([], [])), images):
-            side.append(image)
-    if not pairs:
-        raise ValueError(f"--pairs {path} is empty; write one JSON object per line")
-    return pairs
-
-
-@torch.no_grad()
-def encode_images(model, paths, side, batch_size=8):
-    """Images -> latents (model.encode x scaling_factor), framed as the samples are: resized to cover
-    side x side px, then center-cropped, by the pipeline's own image processor."""
-    from PIL import Image
-    pipe, latents = model.pipe, []
-    for i in range(0, len(paths), batch_size):
-        images = [Image.open(p).convert("RGB") for p in paths[i:i + batch_size]]
-        x = pipe.image_processor.preprocess(images, side, side, resize_mode="crop").to(pipe.vae.device, pipe.vae.dtype)
-        latents.append(model.encode(x).float() * pipe.vae.config.scaling_factor)
-    return torch.cat(latents)
-
-
 def atomic_write(path, write):
     """Write through a temporary file and rename, so an interrupt never leaves half a file."""
     tmp = Path(f"{path}.tmp")
@@ -1258,20 +1233,32 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
     bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", ref_dist=f"{metrics['dist_ref']:.4g}")
 
 
-def check_model(model, resolution=None, timestep=None, features=None, layers=None):
+def check_model(model, resolution=None, steps=None, timesteps=None, features=None, layers=None):
     """The settings that depend on the architecture, checked on --model's configs only (a few kB, no weights)."""
+    import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     path, name = model_class(model)
+    if steps and timesteps and steps != len(timesteps):
+        raise ValueError(f"--inference-steps {steps} and --timesteps {','.join(map(str, timesteps))} ({len(timesteps)} "
+                         f"steps) disagree; give one of them")
     if name in FAMILIES:
-        return beside(FAMILIES[name]).check_model(path, resolution, timestep, features, layers)
+        return beside(FAMILIES[name]).check_model(path, resolution, steps, timesteps, features, layers)
     try:
         unet, vae, scheduler = (c.load_config(path, subfolder=f) for c, f in (
             (UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (DDPMScheduler, "scheduler")))
     except (OSError, ValueError) as e:
         raise model_error(model, path, e) from e
-    if timestep is not None and not 0 <= timestep < scheduler["num_train_timesteps"]:
-        raise ValueError(f"--timestep {timestep}: this model's scheduler has timesteps 0 .. "
-                         f"{scheduler['num_train_timesteps'] - 1}")
+    T = scheduler["num_train_timesteps"]
+    if timesteps and not (list(timesteps) == sorted(set(timesteps), reverse=True) and 0 <= timesteps[-1]
+                          and timesteps[0] < T):
+        raise ValueError(f"--timesteps {','.join(map(str, timesteps))}: give decreasing timesteps in 0 .. {T - 1}, "
+                         f"one per step (DMD2: 399, or 999,749,499,249 for its 4-step UNet)")
+    if (steps or 1) > T:
+        raise ValueError(f"--inference-steps {steps}: this model's scheduler has {T} timesteps; few-step models take 1-8")
+    try:  # the steps read off the scheduler's config: what it cannot take (LCM beyond 50 steps, ...) is said now
+        step_recipe(getattr(diffusers, scheduler["_class_name"]).from_config(scheduler), steps or 1, timesteps)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"--model {model} with {steps or len(timesteps or [1])} step(s): {e}") from e
     factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
     if resolution is not None and (resolution < factor or resolution % factor):
         raise ValueError(f"--resolution {resolution}: this model needs a multiple of {factor} (VAE and UNet "
@@ -1306,6 +1293,7 @@ def check_args(args, world=1):
              lambda v: v > 0, "positive"),
             (("lambda_ref", "grad_chunk", "sample_every", "eval_every", "weight_decay"), lambda v: v is None or v >= 0,
              "0 (off) or positive"), (("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+            (("inference_steps", "grad_steps"), lambda v: v is None or v >= 1, "at least 1"),
             (("radii", "ref_radii"), lambda v: v and all(r > 0 for r in v), "positive numbers, e.g. 0.02,0.05,0.2")):
         for name in (n for n in names if not ok(a[n])):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {a[name]}")
@@ -1328,7 +1316,7 @@ def check_args(args, world=1):
         raise ValueError("--pairs replaces --reward and --prompts (the file holds the prompts and the preferences); "
                          "drop " + " and ".join(f for f in ("--reward", "--prompts") if getattr(args, f[2:])))
     if args.pairs:
-        read_pairs(args.pairs)
+        beside("rewards.pairs").read_pairs(args.pairs)
     args.reward = None if args.pairs else "hpsv3" if args.reward is None else args.reward
     rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward is not None else []
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
@@ -1346,7 +1334,11 @@ def check_args(args, world=1):
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
-    check_model(args.model, args.resolution, args.timestep, args.features, args.teacher_layers)
+    check_model(args.model, args.resolution, args.inference_steps, args.timesteps, args.features, args.teacher_layers)
+    n = args.inference_steps or len(args.timesteps or [1])  # the sampler's steps
+    if (args.grad_steps or 1) > n:
+        raise ValueError(f"--grad-steps {args.grad_steps} exceeds the sampler's {n} step(s); give at most {n}, or "
+                         f"drop it")
     beside("eval").check_targets(args.model, args.lora_targets)  # from the network's config, without weights
     ckpt = out / "checkpoint.pt"
     if args.resume and (ckpt.exists() or (out / "checkpoint.prev.pt").exists()):
@@ -1375,6 +1367,10 @@ def floats(text):
     return tuple(float(v) for v in text.split(","))
 
 
+def ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except where there is none to show."""
 
@@ -1390,7 +1386,12 @@ def build_parser():
                    "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
                    "(offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
-    g.add_argument("--timestep", type=int, help="a UNet's one-step timestep (default: the stock pipeline's; DMD2: 399)")
+    g.add_argument("--inference-steps", type=int, help="N: the generator's sampling steps, all trained through "
+                   "(default: the model's own, 1 here; SD/SDXL-Turbo 1-4, SDXL-Lightning 2, 4 or 8: docs/models.md)")
+    g.add_argument("--timesteps", "--timestep", type=ints, help="a UNet scheduler's timesteps, one per step (default: "
+                   "the stock pipeline's for N steps; DMD2: 399, its 4-step UNet: 999,749,499,249)")
+    g.add_argument("--grad-steps", type=int, help="backpropagate through the last K of the N steps only, the earlier "
+                   "ones without a graph (default: all N; docs/cost.md)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")

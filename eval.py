@@ -4,9 +4,10 @@
         --prompts prompts.txt --seeds 4 --out eval/
 
 Every model sees the same noise for seed s: torch.randn((1, *latent shape)) from a CPU generator
-seeded with s, shared by all prompts, sampled in one step exactly as drpo.py trains. Given a run
-folder (or one of its loras/ snapshots), the run's model, timestep and resolution are used. Each LoRA is
-compared with the base on the same (prompt, seed) pairs: mean difference, a 95 % paired
+seeded with s, shared by all prompts (then, for a sampler that adds fresh noise between steps, one more
+draw per step from the same generator, as the stock pipeline draws them), sampled exactly as drpo.py trains.
+Given a run folder (or one of its loras/ snapshots), the run's model, steps, timesteps and resolution are
+used. Each LoRA is compared with the base on the same (prompt, seed) pairs: mean difference, a 95 % paired
 bootstrap interval, and the win rate (ties count half).
 
 Writes EVALDIR/results.json, scores.csv (one row per image), table.md (also printed) and
@@ -52,7 +53,7 @@ import drpo
 
 DEFAULT_REWARDS = "pickscore,aesthetic,clip,hpsv3"
 HELDOUT = Path(__file__).resolve().parent / "prompts" / "heldout.txt"  # none of them in drpo.DEFAULT_PROMPTS
-RUN_SETTINGS = ("model", "timestep", "resolution")  # the settings of a drpo.py run that decide what it samples
+RUN_SETTINGS = ("model", "inference_steps", "timesteps", "resolution")  # a run's settings that decide its samples
 # Named prompt sets of the paper: hub dataset, split, column.
 PROMPT_SETS = {"parti": ("nateraw/parti-prompts", "train", "Prompt"),
                "pickapic": ("yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption")}
@@ -134,10 +135,12 @@ def check_lora(network, folder):
 
 
 def seed_noises(model, resolution, seeds):
-    """The noise of seed s, shared by every prompt and model: torch.randn((1, *latent shape)) from a CPU generator
-    seeded with s (the latent shape is the generator's: (4, H/8, W/8) for SD and SDXL, (32, H/32, W/32) for SANA)."""
-    shape = drpo.latent_shape(model, resolution)
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    """The noises of seed s, shared by every prompt and model, (seeds, draws, *latent shape): torch.randn((1, *latent
+    shape)) from a CPU generator seeded with s, then one draw per step if the sampler adds fresh noise, in the
+    stock pipeline's order (latent shape: (4, H/8, W/8) for SD and SDXL, (32, H/32, W/32) for SANA)."""
+    shape, gens = drpo.latent_shape(model, resolution), [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack([torch.cat([torch.randn((1, *shape), generator=g) for _ in range(drpo.noise_draws(
+        model.recipe))]) for g in gens])
 
 
 def metrics_of(spec, loaded=None, device="cpu", batch_size=8, dtype=None, **paths):
@@ -174,30 +177,33 @@ def run_of(folder):
     folder = Path(folder).resolve()
     for run in (folder, folder.parent.parent) if folder.parent.name == "loras" else (folder,):
         cfg = run / "config.json"
-        if cfg.is_file() and {"candidates", *RUN_SETTINGS} <= set(config := json.loads(cfg.read_text())):
+        if cfg.is_file() and {"candidates", "model"} <= set(config := json.loads(cfg.read_text())):
+            config.setdefault("timesteps", config.get("timestep") and [config["timestep"]])  # a run before 2026-12
             return config
     return None
 
 
 def take_run_settings(args):
-    """--model, --timestep and --resolution of the runs the --lora folders come from, where not given. A given flag
-    that contradicts a run is refused, unless --override; runs that disagree are refused."""
+    """--model, --inference-steps, --timesteps and --resolution of the runs the --lora folders come from, where not
+    given. A given flag that contradicts a run is refused, unless --override; runs that disagree are refused."""
     runs = {f: c for f in args.lora if (c := run_of(f))}
-    shown = lambda v: "unset (the model's default)" if v is None else v
-    same = lambda key, a, b: drpo.resolve_model(a) == drpo.resolve_model(b) if key == "model" else a == b
+    shown = lambda v: "unset (the model's default)" if v is None else ",".join(map(str, v)) if isinstance(
+        v, (list, tuple)) else v
+    same = lambda key, a, b: drpo.resolve_model(a) == drpo.resolve_model(b) if key == "model" else \
+        json.dumps(a) == json.dumps(b)  # (timesteps: a tuple given, a list in config.json)
     for key in RUN_SETTINGS:
-        given, seen = getattr(args, key), [(f, c[key]) for f, c in runs.items()]
+        given, seen, flag = getattr(args, key), [(f, c.get(key)) for f, c in runs.items()], key.replace("_", "-")
         if given is not None and args.override:
             continue
         for (f, v), (g, w) in itertools.combinations(seen, 2):
             if not same(key, v, w):
-                raise ValueError(f"--lora {f} was trained with --{key} {shown(v)} but --lora {g} with {shown(w)}: "
+                raise ValueError(f"--lora {f} was trained with --{flag} {shown(v)} but --lora {g} with {shown(w)}: "
                                  f"evaluate them in separate eval.py runs")
         for f, v in seen:
             if given is not None and not same(key, given, v):
-                raise ValueError(f"--{key} {given} contradicts the run of --lora {f}, trained with --{key} {shown(v)}, "
-                                 f"so its LoRA would be judged on images unlike those it learned from. Drop --{key} "
-                                 f"to use the run's, or add --override to evaluate with --{key} {given} anyway")
+                raise ValueError(f"--{flag} {shown(given)} contradicts the run of --lora {f}, trained with --{flag} "
+                                 f"{shown(v)}, so its LoRA would be judged on images unlike those it learned from. "
+                                 f"Drop --{flag} to use the run's, or add --override to evaluate with it anyway")
         if given is None and seen:
             setattr(args, key, seen[0][1])
     args.model = args.model or "sd-turbo"
@@ -355,7 +361,7 @@ def model_card(args, model, step, heldout, folder):
         f"pipe = {type(model.pipe).__name__}.from_pretrained({base!r})",
         f"pipe.load_lora_weights({str(folder)!r})",
         f"image = pipe(\"a photo of a cat\", {', '.join(f'{k}={v!r}' for k, v in call.items())}).images[0]", "```", "",
-        "These keywords sample what training sampled (one step, the same timestep and image size); other settings "
+        "These keywords sample what training sampled (the same steps, timesteps and image size); other settings "
         "give other images.", "",
         "## Training details", "",
         f"- updates: {step}; LoRA rank {args.lora_rank}, alpha {args.lora_alpha}, on `{args.lora_targets}`",
@@ -547,11 +553,11 @@ def build_parser():
                    "folder, or `tiny` / `tiny-sdxl` / `tiny-sana` (default: the --lora runs' model, else sd-turbo)")
     p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir, one of its loras/step_N or "
                    "loras/best, or any diffusers-format LoRA folder; repeat to compare several; labelled by folder "
-                   "name. A run's --model, --timestep and --resolution are used unless given")
+                   "name. A run's --model, --inference-steps, --timesteps and --resolution are used unless given")
     p.add_argument("--snapshots", action="store_true", help="evaluate every loras/step_N of the --lora runs and draw "
                    "OUT/steps.png, the held-out scores against the update")
-    p.add_argument("--override", action="store_true", help="evaluate with a --model, --timestep or --resolution that "
-                   "contradicts the --lora run's (refused without it)")
+    p.add_argument("--override", action="store_true", help="evaluate with a --model, steps, timesteps or "
+                   "--resolution that contradicts the --lora run's (refused without it)")
     p.add_argument("--reward", help=f"comma list of metrics, each a drpo.py reward name or `module:function` "
                    f"(default: {DEFAULT_REWARDS}; none with --judge or --geneval)")
     p.add_argument("--prompts", help="text file with one prompt per line, or `parti` / `pickapic` (the paper's sets, "
@@ -574,8 +580,10 @@ def build_parser():
     p.add_argument("--out", default="eval", help="folder for results.json, scores.csv, table.md, grid.png")
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the run's, else the model's native "
                    "size)")
-    p.add_argument("--timestep", type=int, help="the one step's timestep (default: the run's, else the stock "
-                   "pipeline's)")
+    p.add_argument("--inference-steps", type=int, help="the generator's sampling steps (default: the run's, else the "
+                   "model's own)")
+    p.add_argument("--timesteps", "--timestep", type=drpo.ints, help="a UNet scheduler's timesteps, one per step "
+                   "(default: the run's, else the stock pipeline's)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="generator dtype; auto = bf16 on CUDA, fp32 on CPU")
@@ -600,7 +608,7 @@ def snapshots_of(runs):
 def check(args):
     """Every setting and input file of eval.py, before any model, reward or judge loads. Takes the --lora runs'
     settings where not given; returns (the judge's template, the prompts, the GenEval metadata or None)."""
-    for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts", "judge_batch"):
+    for name in ("seeds", "max_prompts", "reward_batch", "grid_prompts", "judge_batch", "inference_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.geneval and (args.prompts or args.reward):
@@ -620,8 +628,8 @@ def check(args):
     if args.snapshots:
         args.lora = snapshots_of(args.lora)
     template = read_template(args.judge_template)
-    runs = take_run_settings(args)  # the runs' --model, --timestep, --resolution where not given
-    drpo.check_model(args.model, args.resolution, args.timestep)  # configs only: checked before any load
+    runs = take_run_settings(args)  # the runs' --model, steps, timesteps, --resolution where not given
+    drpo.check_model(args.model, args.resolution, args.inference_steps, args.timesteps)  # configs only, before loading
     network = network_of(args.model)
     for folder in args.lora:
         check_lora(network, folder)
@@ -666,7 +674,7 @@ def evaluate(args):
     if args.judge:  # loaded before sampling: a missing judge should cost seconds, not a whole sampling pass
         judge = drpo.beside("rewards.judge").load_judge(args.judge, args.reward_device or device, template=template,
                                                         batch_size=args.judge_batch)
-    model = drpo.load_generator(args.model, dtype, device, args.timestep)
+    model = drpo.load_generator(args.model, dtype, device, args.inference_steps, args.timesteps)
     labels = {}
     for folder in args.lora:
         label = Path(folder).resolve().name if Path(folder).name != "best" else "best"

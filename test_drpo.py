@@ -361,7 +361,7 @@ def stock_one_step(pipe, prompts, z, **kw):
 def lora_generator(folder, run_dir, timestep=None):
     """drpo's generator for folder, with the LoRA of run_dir's checkpoint."""
     from peft.utils import set_peft_model_state_dict
-    model = drpo.load_generator(folder, timestep=timestep)
+    model = drpo.load_generator(folder, timesteps=timestep and [timestep])
     drpo.add_lora(model.net, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
     set_peft_model_state_dict(model.net, torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["lora"])
     return model
@@ -446,11 +446,11 @@ def test_one_step_sampler_matches_the_diffusers_pipeline(request, tmp_path, arch
     z = torch.randn((2, 32, 4, 4) if arch == "sana" else (2, 4, 16, 16), generator=torch.Generator().manual_seed(3))
     prompts = ["a red fox", "a blue boat on a lake"]
     ref = stock_one_step(pipe, prompts, z, output_type="latent", **dict(timesteps=[timestep]) if timestep else {})
-    mine = drpo.load_generator(tiny, timestep=timestep)
+    mine = drpo.load_generator(tiny, timesteps=timestep and [timestep])
     if arch != "sana":  # SANA-Sprint's transformer sees the SCM time of TrigFlow's 1.5708 (generators/sana.py)
-        assert mine.recipe[0] == (timestep or 999)
+        assert mine.recipe[0][0] == (timestep or 999)
     with torch.no_grad():
-        x = drpo.one_step(mine.net, z, mine.conditioning(prompts, 128), mine.recipe)
+        x = drpo.generate(mine.net, z, mine.conditioning(prompts, 128), mine.recipe)
         img = drpo.decode(mine.pipe.vae, x)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(img, pipe.image_processor.postprocess(pipe.vae.decode(
@@ -463,14 +463,14 @@ def test_a_dmd2_style_model_trains_and_its_lora_loads_into_the_stock_pipeline(ti
     model = with_scheduler(tiny_sdxl, tmp_path / "dmd2", "LCMScheduler")
     assert run(model, tmp_path / "run", "--max-steps", "2", "--lr", "3e-2", "--sample-every", "0",
                "--timestep", "399") == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["timestep"] == 399
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["timesteps"] == [399]
     z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5))
     stock = pipeline(model, tmp_path / "run")
     ref = stock("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
     base = pipeline(model)("a snowy owl", latents=z, timesteps=[399], guidance_scale=0.0, output_type="latent").images
     mine = lora_generator(model, tmp_path / "run", timestep=399)
     with torch.no_grad():
-        x = drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
+        x = drpo.generate(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert (ref - base).abs().max() > 1e-3  # the LoRA changed the samples
 
@@ -490,12 +490,12 @@ def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tm
     assert drpo.main(["--model", str(flux), *argv]) == 2
     assert "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)" in \
         capsys.readouterr().err
-    # a scheduler whose one step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
+    # a scheduler whose step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
     from diffusers import DDIMScheduler
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True)
-    with pytest.raises(ValueError, match="DDIMScheduler's one step is not affine"):
-        drpo.one_step_recipe(ddim)
-    assert drpo.one_step_recipe(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))[0] == 999
+    with pytest.raises(ValueError, match="DDIMScheduler's step is not affine"):
+        drpo.step_recipe(ddim)
+    assert drpo.step_recipe(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))[0][0] == 999
 
 
 def test_teacher_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
@@ -611,7 +611,7 @@ def test_short_run_writes_every_output_and_the_lora_loads_into_diffusers(tiny_an
     tuned = stock_one_step(tuned_pipe, ["a snowy owl"], z, output_type="pt")
     assert (tuned - base).abs().max() > 1e-3
     with torch.no_grad():
-        x = drpo.one_step(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
+        x = drpo.generate(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
         img = drpo.decode(mine.pipe.vae, x)
     torch.testing.assert_close(img, tuned, rtol=0, atol=1e-5)
 
@@ -704,7 +704,7 @@ def test_an_update_equals_an_independent_construction_from_the_stock_pipeline(ti
     lora = [(n, p) for n, p in pipe.unet.named_parameters() if "lora_" in n]
     for _, p in lora:
         p.requires_grad_(True)
-    x_grad = drpo.one_step(pipe.unet, z, cond, drpo.one_step_recipe(pipe.scheduler))
+    x_grad = drpo.generate(pipe.unet, z, cond, drpo.step_recipe(pipe.scheduler))
     torch.testing.assert_close(x_grad.detach(), x, rtol=0, atol=1e-4)
     gen = {k: v.reshape(B, -1, v.shape[-1]) for k, v in phi(x_grad, feat_noise, cond).items()}
     loss, _ = drpo.drpo_objective(gen, pos, neg, ref, kernel="laplacian", **w)
@@ -1193,7 +1193,8 @@ def test_pairs_images_are_resized_center_cropped_and_encoded_once(request, tmp_p
     arr[:, 48:144] = 255
     from PIL import Image
     Image.fromarray(arr).save(tmp_path / "wide.png")
-    got = drpo.encode_images(drpo.load_generator(tiny), [tmp_path / "wide.png"], 128)
+    pairs = drpo.beside("rewards.pairs")
+    got = pairs.encode_images(drpo.load_generator(tiny), [tmp_path / "wide.png"], 128)
     vae = (AutoencoderDC if arch == "sana" else AutoencoderKL).from_pretrained(Path(tiny) / "vae")
     white = torch.ones(1, 3, 128, 128)
     with torch.no_grad():
@@ -1202,8 +1203,8 @@ def test_pairs_images_are_resized_center_cropped_and_encoded_once(request, tmp_p
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # each image is encoded once per run, not once per step
     calls = []
-    encode = drpo.encode_images
-    monkeypatch.setattr(drpo, "encode_images", lambda model, paths, side: calls.append(list(paths)) or
+    encode = pairs.encode_images
+    monkeypatch.setattr(pairs, "encode_images", lambda model, paths, side: calls.append(list(paths)) or
                         encode(model, paths, side))
     for i in range(2):
         write_image(tmp_path / f"c{i}.png", 220)
@@ -1947,7 +1948,7 @@ def test_eval_py_samples_as_the_run_trained_and_refuses_a_contradicting_flag(tin
             "--seeds", "2"]
     assert ev.main(base + ["--out", str(tmp_path / "ev")]) == 0
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert res["settings"]["timestep"] == 399 and res["settings"]["model"] == model
+    assert res["settings"]["timesteps"] == [399] and res["settings"]["model"] == model
     stock = pipeline(model, tmp_path / "run")
     want = [np.asarray(stock("a snowy owl", latents=torch.randn((1, 4, 16, 16), generator=torch.Generator()
                                                                 .manual_seed(s)), timesteps=[399],
@@ -1969,10 +1970,10 @@ def test_eval_py_samples_as_the_run_trained_and_refuses_a_contradicting_flag(tin
     monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model first"))
     assert ev.main(base + ["--timestep", "999", "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
-    assert "--timestep 999" in err and "399" in err and "--override" in err and not (tmp_path / "no").exists()
+    assert "--timesteps 999" in err and "399" in err and "--override" in err and not (tmp_path / "no").exists()
     monkeypatch.undo()
     assert ev.main(base + ["--timestep", "999", "--override", "--out", str(tmp_path / "over")]) == 0
-    assert json.loads((tmp_path / "over" / "results.json").read_text())["settings"]["timestep"] == 999
+    assert json.loads((tmp_path / "over" / "results.json").read_text())["settings"]["timesteps"] == [999]
 
 
 def test_lora_off_nests_and_the_outermost_switches_the_lora_back_on(tiny):
@@ -1983,7 +1984,7 @@ def test_lora_off_nests_and_the_outermost_switches_the_lora_back_on(tiny):
         for p in params:
             p.add_(0.1 * torch.randn_like(p))  # a LoRA that changes the samples
     z, cond = torch.randn((1, 4, 16, 16)), model.conditioning(["a cat"], 128)
-    step = lambda: drpo.one_step(model.net, z, cond, model.recipe)
+    step = lambda: drpo.generate(model.net, z, cond, model.recipe)
     with torch.no_grad():
         on = step()
         with drpo.lora_off(model.net):
@@ -2095,7 +2096,7 @@ def test_judge_template_reaches_the_chat_template_verbatim(tiny, tiny_judge, tmp
     assert "add --judge" in capsys.readouterr().err
     assert ev.main(["--model", tiny, "--timestep", "1000", "--reward", "brightness", "--prompts",
                     str(tmp_path / "t.txt"), "--out", str(tmp_path / "e")]) == 2
-    assert "--timestep 1000: this model's scheduler has timesteps 0 .. 999" in capsys.readouterr().err
+    assert "--timesteps 1000: give decreasing timesteps in 0 .. 999" in capsys.readouterr().err
     with pytest.raises(OSError, match="hf download Qwen/Qwen3-VL-8B-Instruct --local-dir DIR"):
         vlm_judge.load_judge(str(tmp_path / "no_judge_here"))
 
@@ -2321,7 +2322,16 @@ DRPO_BAD = [
     (["--model", "{d}"], "--model {d}: is not a diffusers pipeline"),
     (["--resolution", "100"], "--resolution 100: this model needs a multiple of 16"),
     (["--resolution", "-16"], "--resolution -16: this model needs a multiple of 16"),
-    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
+    (["--timestep", "1000"], "--timesteps 1000: give decreasing timesteps in 0 .. 999"),
+    (["--timesteps", "499,999"], "--timesteps 499,999: give decreasing timesteps in 0 .. 999, one per step"),
+    (["--timesteps", "999,x"], "argument --timesteps/--timestep: invalid ints value: '999,x'"),
+    (["--inference-steps", "0"], "--inference-steps must be at least 1, got 0"),
+    (["--inference-steps", "2000"], "--inference-steps 2000: this model's scheduler has 1000 timesteps"),
+    (["--inference-steps", "4", "--timesteps", "999,499"], "--inference-steps 4 and --timesteps 999,499 (2 steps) "
+     "disagree"),
+    (["--grad-steps", "0", "--inference-steps", "2"], "--grad-steps must be at least 1, got 0"),
+    (["--grad-steps", "2"], "--grad-steps 2 exceeds the sampler's 1 step(s); give at most 1"),
+    (["--model", "SANA", "--inference-steps", "2"], "SANA-Sprint trains at its one step here"),
     (["--device", "bogus"], "--device bogus: not a torch device"),
     (["--device", "cuda"], "--device cuda: this torch build sees no CUDA GPU; use cpu"),
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
@@ -2446,7 +2456,7 @@ EVAL_BAD = [
     (["--lora", "{d}/nope"], "--lora {d}/nope: no pytorch_lora_weights.safetensors there; pass the --output-dir"),
     (["--lora", "{d}", "--snapshots"], "--snapshots: {d} has no loras/step_N folders"),
     (["--lora", "{d}/run", "--lora", "{d}/run", "--snapshots"], "--snapshots evaluates the snapshots of one run"),
-    (["--lora", "{d}/run", "--timestep", "500"], "--timestep 500 contradicts the run of --lora {d}/run"),
+    (["--lora", "{d}/run", "--timestep", "500"], "--timesteps 500 contradicts the run of --lora {d}/run"),
     (["--reward", "nosuch"], "unknown reward 'nosuch'"),
     (["--reward", "nosuchmodule_xyz:score"], "--reward nosuchmodule_xyz:score: no module"),
     (["--prompts", "{d}/missing.txt"], "--prompts {d}/missing.txt: no such file"),
@@ -2466,7 +2476,13 @@ EVAL_BAD = [
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--out", "{d}/afile"], "--out {d}/afile is a file; pass a folder"),
     (["--resolution", "100"], "--resolution 100: this model needs a multiple of 16"),
-    (["--timestep", "1000"], "--timestep 1000: this model's scheduler has timesteps 0 .. 999"),
+    (["--timestep", "1000"], "--timesteps 1000: give decreasing timesteps in 0 .. 999"),
+    (["--timesteps", "499,999"], "--timesteps 499,999: give decreasing timesteps in 0 .. 999, one per step"),
+    (["--timesteps", "999,x"], "argument --timesteps/--timestep: invalid ints value: '999,x'"),
+    (["--inference-steps", "0"], "--inference-steps must be at least 1, got 0"),
+    (["--inference-steps", "2000"], "--inference-steps 2000: this model's scheduler has 1000 timesteps"),
+    (["--inference-steps", "4", "--timesteps", "999,499"], "--inference-steps 4 and --timesteps 999,499 (2 steps) "
+     "disagree"),
     (["--device", "bogus"], "--device bogus: not a torch device"),
     (["--precision", "fp16"], "argument --precision: invalid choice"),
     (["--reward-device", "bogus"], "--reward-device bogus: not a torch device"),

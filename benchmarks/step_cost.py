@@ -252,7 +252,7 @@ def reward_grad_update(model, K, chunk, steps, resolution, device):
         for c0 in range(0, K, C):
             n = len(z[c0:c0 + C])
             with autocast:
-                x = drpo.one_step(pipe.unet, z[c0:c0 + C], drpo.rows(cond, lambda v: v.repeat_interleave(n, 0)),
+                x = drpo.generate(pipe.unet, z[c0:c0 + C], drpo.rows(cond, lambda v: v.repeat_interleave(n, 0)),
                                   recipe)
                 lap("sample")
                 images = drpo.decode(pipe.vae, x)
@@ -292,10 +292,10 @@ def authors_update(model, K, chunk, steps, resolution, device, reward="brightnes
         cond = drpo.rows(gen.conditioning(["a photo of a cat"], shape[-1] * pipe.vae_scale_factor),
                          lambda v: v.repeat_interleave(K, 0))
         with autocast:
-            x = drpo.one_step(pipe.unet, z, cond, recipe)  # with gradient, kept for the one backward
+            x = drpo.generate(pipe.unet, z, cond, recipe)  # with gradient, kept for the one backward
         lap("sample")
         with torch.no_grad(), autocast:
-            r = drpo.one_step(reference, z, cond, recipe)
+            r = drpo.generate(reference, z, cond, recipe)
         lap("reference")
         with torch.no_grad(), autocast:
             images = drpo.to_pil(drpo.decode(pipe.vae, x.detach()))

@@ -5,7 +5,7 @@ fields that drpo.unet_generator gives for SD and SDXL:
 
     gen = generator(pipe)                      # pipe: a SanaSprintPipeline
     cond = gen.conditioning(prompts, side)     # the transformer's keyword inputs, a row per prompt
-    t, c_in, c_z, c_out = gen.recipe           # x0 = c_z * z + c_out * transformer(c_in * z, timestep=t, **cond)
+    [(t, c_in, c_z, c_out, 0.0)] = gen.recipe  # x0 = c_z * z + c_out * transformer(c_in * z, timestep=t, **cond)
 
 The one step is the stock pipeline's `num_inference_steps=1` (TrigFlow from max_timesteps = 1.5708, the
 pure-noise end, with the pipeline's SCM input scaling and output conversion), at the stock pipeline's
@@ -58,26 +58,31 @@ def default_blocks(n):
     return tuple(f"transformer_blocks.{i}" for i in sorted({n // 4, n // 2, 3 * n // 4}))
 
 
-def generator(pipe, timestep=None):
+def generator(pipe, steps=None, timesteps=None):
     """The fields drpo.py's loop uses (see drpo.unet_generator). The teacher features run the frozen transformer
     at TrigFlow time atan(0.1), where latent + 0.1 * noise is x_t / cos t: the UNets' latent + 0.1 * noise."""
-    if timestep is not None:
-        raise ValueError(TIMESTEP)
+    check_steps(steps, timesteps)
     t, d = math.atan(0.1), stock_defaults(pipe)
     s, k = scm_scaling(t)
     return types.SimpleNamespace(
-        pipe=pipe, net=pipe.transformer, name="transformer", recipe=one_step_recipe(d["max_timesteps"]),
+        pipe=pipe, net=pipe.transformer, name="transformer", recipe=[(*one_step_recipe(d["max_timesteps"]), 0.0)],
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: SANA takes no size input
         teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers)),
         encode=lambda images: pipe.vae.encode(images).latent,
         stock_call=dict(num_inference_steps=1, intermediate_timesteps=None, use_resolution_binning=False))
 
 
-TIMESTEP = ("--timestep: SANA-Sprint's one step starts at the pure-noise end of TrigFlow (max_timesteps = 1.5708, "
-            "the stock pipeline's); --timestep picks a UNet scheduler's step, drop it")
+def check_steps(steps, timesteps):
+    """SANA-Sprint trains at its one step here: its 2-4 step sampling (intermediate_timesteps) is not ported."""
+    if timesteps:
+        raise ValueError("--timesteps: SANA-Sprint's one step starts at the pure-noise end of TrigFlow (max_timesteps "
+                         "= 1.5708, the stock pipeline's); --timesteps picks a UNet scheduler's steps, drop it")
+    if (steps or 1) > 1:
+        raise ValueError(f"--inference-steps {steps}: SANA-Sprint trains at its one step here (its several-step "
+                         f"sampling through intermediate_timesteps is not ported); drop --inference-steps")
 
 
-def check_model(path, resolution=None, timestep=None, features=None, layers=None):
+def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None):
     """The settings that depend on the architecture, on the folder's configs only (no weights)."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     try:
@@ -85,8 +90,7 @@ def check_model(path, resolution=None, timestep=None, features=None, layers=None
         vae = AutoencoderDC.load_config(path, subfolder="vae")
     except (OSError, ValueError) as e:
         raise OSError(f"could not read the SANA-Sprint configs of {path}: {str(e).splitlines()[0]}") from e
-    if timestep is not None:
-        raise ValueError(TIMESTEP)
+    check_steps(steps, timesteps)
     if features == "mae":
         raise ValueError(f"--features mae: the latent-MAE reads 4-channel SD-VAE latents, and SANA-Sprint's DC-AE "
                          f"latents have {vae['latent_channels']} channels; use --features teacher, latent or dinov2")
