@@ -290,12 +290,11 @@ def rows(cond, f):
 
 
 def step_recipe(scheduler, steps=1, timesteps=None):
-    """The stock pipeline's sampling steps as [(t, c_in, c_x, c_out, c_eps)], one per step: the network sees c_in * x
-    at timestep t, and the step gives c_x * x + c_out * its output + c_eps * fresh unit noise, from x = z, unit noise
-    (init_noise_sigma is folded into the first step). Read off a copy of the pipeline's scheduler set for
-    num_inference_steps=steps (or timesteps, e.g. DMD2's 399 or 999,749,499,249), so prediction type, input scaling
-    and fresh noise (LCM, Euler-ancestral between steps; 0 elsewhere) are the scheduler's. SD-Turbo's one step:
-    c_in = sqrt(1 - a), c_x = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
+    """The stock pipeline's steps as [(t, c_in, c_x, c_out, c_eps)]: the network sees c_in * x at timestep t, and
+    the step gives c_x * x + c_out * its output + c_eps * fresh unit noise, from x = z (unit noise; init_noise_sigma
+    folded into step 1). Read off a copy of the scheduler set for num_inference_steps=steps (or timesteps: DMD2's 399,
+    or 999,749,499,249), so prediction type, input scaling and fresh noise (LCM, Euler-ancestral; 0 elsewhere) are
+    the scheduler's. SD-Turbo: c_in = sqrt(1 - a), c_x = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
     import copy
     s, recipe, name = copy.deepcopy(scheduler), [], type(scheduler).__name__
     s.set_timesteps(steps) if timesteps is None else s.set_timesteps(timesteps=list(timesteps))
