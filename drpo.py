@@ -1253,7 +1253,7 @@ def check_model(model, resolution=None, steps=None, timesteps=None, features=Non
         raise ValueError(f"--timesteps {','.join(map(str, timesteps))}: give decreasing timesteps in 0 .. {T - 1}, "
                          f"one per step (DMD2: 399, or 999,749,499,249 for its 4-step UNet)")
     if (steps or 1) > T:
-        raise ValueError(f"--inference-steps {steps}: this model's scheduler has {T} timesteps; few-step models take 1-8")
+        raise ValueError(f"--inference-steps {steps}: this model's scheduler has {T} timesteps; give 1-8 steps")
     try:  # the steps read off the scheduler's config: what it cannot take (LCM beyond 50 steps, ...) is said now
         step_recipe(getattr(diffusers, scheduler["_class_name"]).from_config(scheduler), steps or 1, timesteps)
     except (ValueError, IndexError) as e:
