@@ -339,6 +339,14 @@ def tiny_sana(tmp_path_factory):
 FAMILIES = {"sd": "tiny", "sdxl": "tiny_sdxl", "sana": "tiny_sana"}
 
 
+def family(request, arch):
+    """(tiny model folder, drpo.py flags) of arch: a FAMILIES key, or sdxl-4, SDXL-Turbo's scheduler at 4 steps
+    (Euler-ancestral: fresh noise between steps, drawn from the loop's seeded generator)."""
+    if arch == "sdxl-4":
+        return request.getfixturevalue("tiny_sdxl"), ["--inference-steps", "4"]
+    return request.getfixturevalue(FAMILIES[arch]), []
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_any(request):
     """The tiny SD, SDXL and SANA-Sprint pipelines in turn: the same loop must serve every family."""
@@ -473,6 +481,80 @@ def test_a_dmd2_style_model_trains_and_its_lora_loads_into_the_stock_pipeline(ti
         x = drpo.generate(mine.net, z, mine.conditioning(["a snowy owl"], 128), mine.recipe)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     assert (ref - base).abs().max() > 1e-3  # the LoRA changed the samples
+
+
+# (scheduler class or None for the folder's own, its config changes, --inference-steps, --timesteps): SD-Turbo's Euler
+# at 2 steps, SDXL-Turbo's Euler-ancestral at 4 (fresh noise between steps), SDXL-Lightning's trailing Euler at 4,
+# DMD2's 4-step UNet (LCM at 999, 749, 499, 249: fresh noise between steps)
+FEW_STEP_MODELS = {"sd-turbo-2": ("sd", None, {}, 2, None), "sdxl-turbo-4": ("sdxl", None, {}, 4, None),
+                   "lightning-4": ("sdxl", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, 4, None),
+                   "dmd2-4": ("sdxl", "LCMScheduler", {}, None, (999, 749, 499, 249))}
+
+
+def few_step_model(request, tmp_path, kind):
+    """(folder, drpo.py flags) of a FEW_STEP_MODELS entry."""
+    arch, scheduler, config, steps, timesteps = FEW_STEP_MODELS[kind]
+    tiny = request.getfixturevalue(FAMILIES[arch])
+    folder = with_scheduler(tiny, tmp_path / kind, scheduler, **config) if scheduler else tiny
+    return folder, (["--inference-steps", str(steps)] if steps else []) + \
+        (["--timesteps", ",".join(map(str, timesteps))] if timesteps else [])
+
+
+def stock_call(kind):
+    _, _, _, steps, timesteps = FEW_STEP_MODELS[kind]
+    return dict(guidance_scale=0.0, **(dict(timesteps=list(timesteps)) if timesteps else dict(num_inference_steps=steps)))
+
+
+@pytest.mark.parametrize("kind", FEW_STEP_MODELS)
+def test_few_step_sampler_equals_the_stock_pipeline_on_each_seed(request, tmp_path, kind):
+    """eval.py's image for (prompt, seed s) is the stock pipe(prompt, generator=manual_seed(s)) at N steps: the
+    latents, then each step's fresh noise (LCM, Euler-ancestral) drawn from that generator, in its order."""
+    import eval as ev
+
+    folder, _ = few_step_model(request, tmp_path, kind)
+    _, _, _, steps, timesteps = FEW_STEP_MODELS[kind]
+    model = drpo.load_generator(folder, steps=steps, timesteps=timesteps)
+    assert len(model.recipe) == 4 if kind != "sd-turbo-2" else len(model.recipe) == 2
+    assert model.stock_call == stock_call(kind)
+    fresh = drpo.noise_draws(model.recipe) > 1
+    assert fresh == (kind in ("sdxl-turbo-4", "dmd2-4"))
+    pipe = pipeline(folder)
+    for seed in (0, 7):
+        noises = ev.seed_noises(model, 128, [seed])
+        x = drpo.sample(model, ["a red fox"], noises)[0]
+        ref = pipe("a red fox", generator=torch.Generator().manual_seed(seed), height=128, width=128,
+                   output_type="latent", **stock_call(kind)).images
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # the fresh noises matter: other step noises (the same start) give another image
+    if fresh:
+        other = noises.clone()
+        other[:, 1:] = torch.randn_like(other[:, 1:])
+        assert (drpo.sample(model, ["a red fox"], other)[0] - x).abs().max() > 1e-2 * x.abs().max()
+
+
+def test_a_four_step_dmd2_lora_trains_loads_into_the_stock_pipeline_and_evaluates(request, tmp_path):
+    """DMD2's 4-step UNet (LCM at 999,749,499,249) trains through all 4 steps; the LoRA in the stock pipeline at the
+    model card's keywords samples what drpo.py trained, and eval.py takes the run's timesteps."""
+    import eval as ev
+
+    folder, flags = few_step_model(request, tmp_path, "dmd2-4")
+    assert run(folder, tmp_path / "run", "--max-steps", "2", "--lr", "3e-2", "--sample-every", "0", *flags) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["timesteps"] == [999, 749, 499, 249]
+    assert "timesteps=[999, 749, 499, 249]" in (tmp_path / "run" / "README.md").read_text()
+    mine = lora_generator(folder, tmp_path / "run", timestep=None)
+    mine.recipe = drpo.step_recipe(mine.pipe.scheduler, timesteps=(999, 749, 499, 249))
+    noises = ev.seed_noises(mine, 128, [3])
+    x = drpo.sample(mine, ["a snowy owl"], noises)[0]
+    kw = dict(generator=torch.Generator().manual_seed(3), height=128, width=128, output_type="latent",
+              **stock_call("dmd2-4"))
+    ref = pipeline(folder, tmp_path / "run")("a snowy owl", **kw).images
+    kw["generator"] = torch.Generator().manual_seed(3)
+    base = pipeline(folder)("a snowy owl", **kw).images
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert (ref - base).abs().max() > 1e-3  # the LoRA changed the 4-step samples
+    assert ev.main(["--lora", str(tmp_path / "run"), "--model", folder, "--reward", "brightness", "--seeds", "2",
+                    "--max-prompts", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["timesteps"] == [999, 749, 499, 249]
 
 
 def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tmp_path, capsys, monkeypatch):
@@ -736,11 +818,11 @@ def interrupting_reward(images, prompts):
     return drpo.brightness_reward(images, prompts)
 
 
-@pytest.mark.parametrize("arch", ["sd", "sana"])
+@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(request, tmp_path, monkeypatch, arch):
-    tiny = request.getfixturevalue(FAMILIES[arch])
+    tiny, steps = family(request, arch)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    common = ("--max-steps", "5", "--save-every", "2", "--sample-every", "0")
+    common = ("--max-steps", "5", "--save-every", "2", "--sample-every", "0", *steps)
     assert run(tiny, tmp_path / "full", *common) == 0
     # killed during step 4 (2 reward calls per step): checkpoint at step 2, metrics up to step 3
     STOP_AT.update(calls=0, limit=7)
@@ -779,18 +861,21 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny_any, tmp_path):
     assert a.keys() == b.keys() and norm({k: a[k] - b[k] for k in a}) <= 1e-4 * norm(a)
 
 
-def test_one_pass_and_chunked_recompute_make_the_same_updates(tiny_any, tmp_path):
+@pytest.mark.parametrize("arch", [*FAMILIES, "sdxl-4"])
+def test_one_pass_and_chunked_recompute_make_the_same_updates(request, tmp_path, arch):
     """Unchunked, the loop backpropagates through its sampling pass; --grad-chunk 3 recomputes the
     generator and features in chunks. Both, with and without gradient checkpointing, must make the
     same 3 updates (at the published lr 1e-4). The first update's gradient agrees to ~1e-7; the
     float round-off of other batch sizes then passes through Adam: measured 1e-6 of the LoRA's norm
-    and 1.4e-4 of its up halves, which start at zero and so hold what the updates moved."""
+    and 1.4e-4 of its up halves, which start at zero and so hold what the updates moved. At 4 steps, checkpointing
+    recomputes each step of the sampler in backward."""
+    tiny_any, steps = family(request, arch)
     runs = {}
     for chunk in ("0", "3"):
         for ckpt in ((), ("--gradient-checkpointing",)):
             out = tmp_path / f"c{chunk}{''.join(ckpt)}"
             assert run(tiny_any, out, "--max-steps", "3", "--sample-every", "0", "--lr", "1e-4",
-                       "--grad-chunk", chunk, *ckpt) == 0
+                       "--grad-chunk", chunk, *ckpt, *steps) == 0
             runs[chunk, bool(ckpt)] = (load_file(out / "pytorch_lora_weights.safetensors"),
                                        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
     lora, rows = runs["0", False]
@@ -817,9 +902,10 @@ def torchrun(*argv, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("arch", ["sd", "sana"])
+@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4"])
 def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(request, tmp_path, arch):
-    common = ["--model", request.getfixturevalue(FAMILIES[arch]), "--reward", "brightness", "--candidates", "8",
+    tiny, steps = family(request, arch)
+    common = ["--model", tiny, *steps, "--reward", "brightness", "--candidates", "8",
               "--n-pos", "3", "--n-neg", "3",
               "--lr", "1e-2", "--seed", "0", "--sample-every", "0", "--save-every", "2", "--eval-every", "0"]
     # one process, accumulation 2 = 2 processes x 1; torchrun gives each worker one thread, so this
@@ -967,9 +1053,9 @@ def same_lora(a, b):
 @pytest.mark.parametrize("arch", ["sd", "sana"])
 def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(request, tmp_path, monkeypatch,
                                                                                       capsys, arch):
-    tiny = request.getfixturevalue(FAMILIES[arch])
+    tiny, steps = family(request, arch)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    common = ("--max-steps", "5", "--save-every", "4", "--sample-every", "0")
+    common = ("--max-steps", "5", "--save-every", "4", "--sample-every", "0", *steps)
     reward = "test_drpo:sigterm_reward"
     SIGNAL_AT.update(calls=0, at=None)
     assert run(tiny, tmp_path / "full", *common, reward=reward) == 0

@@ -8,6 +8,8 @@ prompts that were not used in training.
     python benchmarks/learning_check.py --out /tmp/learn --model tiny-sana   # (or tiny-sdxl)
     python benchmarks/learning_check.py --out /tmp/learn --vlm   # ranked by a scripted VLM server that
                                                                  # prefers the brighter image of each pair
+    python benchmarks/learning_check.py --out /tmp/learn --model tiny-sdxl --inference-steps 4 [--grad-steps 1]
+                                         # SDXL-Turbo's scheduler at 4 steps, trained through all or the last one
 """
 import argparse
 import json
@@ -24,7 +26,7 @@ HELD_OUT = ["a quiet harbor with fishing boats", "a plate of pancakes with berri
             "a snowy owl on a branch", "a vintage car on a country road"]
 
 
-def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
+def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1):
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)  # the class model_index.json names
@@ -33,15 +35,15 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4)):
         pipe.load_lora_weights(lora_dir)
     net = getattr(pipe, "unet", None) or pipe.transformer
     side = net.config.sample_size * pipe.vae_scale_factor
-    # a plain one-step call of the stock pipeline: SANA-Sprint at its defaults, SD/SDXL without guidance
-    one = (dict(intermediate_timesteps=None, use_resolution_binning=False, height=side, width=side)
+    # a plain call of the stock pipeline: SANA-Sprint at its defaults, SD/SDXL without guidance, at `steps` steps;
+    # the generator draws the latents (and a sampler's fresh noise between steps), the same for every prompt
+    one = (dict(intermediate_timesteps=None, use_resolution_binning=False)
            if isinstance(pipe, diffusers.SanaSprintPipeline) else dict(guidance_scale=0.0))
     vals = []
     for s in seeds:
-        z = torch.randn((1, net.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor),
-                        generator=torch.Generator().manual_seed(1000 + s))
         for p in HELD_OUT:
-            img = pipe(p, latents=z, num_inference_steps=1, output_type="pt", **one).images
+            img = pipe(p, generator=torch.Generator().manual_seed(1000 + s), num_inference_steps=steps, height=side,
+                       width=side, output_type="pt", **one).images
             vals.append(img.mean().item())
     return torch.tensor(vals).mean().item(), torch.tensor(vals).std().item()
 
@@ -53,6 +55,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", default="1e-3")
+    ap.add_argument("--inference-steps", type=int, default=1, help="drpo.py's --inference-steps, and the held-out "
+                    "pipeline's")
+    ap.add_argument("--grad-steps", type=int, help="drpo.py's --grad-steps (default: all steps)")
     ap.add_argument("--vlm", action="store_true", help="train with --reward vlm against examples/scripted_vlm.py "
                     "(on a free port) instead of the brightness reward")
     args = ap.parse_args()
@@ -66,15 +71,18 @@ def main():
         vlm = ["--reward-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--reward-model", "scripted",
                "--eval-every", "0"]
     model = drpo.resolve_model(args.model)
-    base, spread = heldout_brightness(model)
+    steps = ["--inference-steps", str(args.inference_steps)] + (["--grad-steps", str(args.grad_steps)]
+                                                                 if args.grad_steps else [])
+    base, spread = heldout_brightness(model, steps=args.inference_steps)
     result = {"base": base, "base_std_over_images": spread}
     for reward in ("vlm" if args.vlm else "brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
         drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", args.lr,
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite",
-                   *(vlm if reward == "vlm" else [])])
-        result[reward] = {"heldout": heldout_brightness(model, out)[0], "train_s": time.time() - t0}
+                   *steps, *(vlm if reward == "vlm" else [])])
+        result[reward] = {"heldout": heldout_brightness(model, out, steps=args.inference_steps)[0],
+                          "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
     print(json.dumps(result, indent=2))
 
