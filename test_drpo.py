@@ -557,6 +557,36 @@ def test_a_four_step_dmd2_lora_trains_loads_into_the_stock_pipeline_and_evaluate
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["timesteps"] == [999, 749, 499, 249]
 
 
+def test_grad_steps_backpropagate_through_the_last_steps_only(tiny_sdxl):
+    """--grad-steps K: the gradient of the sampler with its state detached before the last K steps; K = N is all
+    steps'; gradient checkpointing (each step recomputed in backward) gives the same gradient."""
+    model = drpo.load_generator(tiny_sdxl, steps=4)
+    params = drpo.add_lora(model.net, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(p)))  # a LoRA that acts
+    n, N = 2, len(model.recipe)
+    z = torch.randn((n, drpo.noise_draws(model.recipe), 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    cond = drpo.rows(model.conditioning(["a red fox"], 128), lambda v: v.repeat_interleave(n, 0))
+
+    def grads(x):
+        return torch.autograd.grad(x.square().mean(), params)
+
+    full = grads(drpo.generate(model.net, z, cond, model.recipe))
+    assert all(torch.equal(a, b) for a, b in zip(full, grads(drpo.generate(model.net, z, cond, model.recipe, N))))
+    last = grads(drpo.generate(model.net, z, cond, model.recipe, grad_steps=1))
+    with torch.no_grad():  # by hand: the first N - 1 steps without a graph, then the last one with it
+        mid = drpo.generate(model.net, z[:, :N], cond, model.recipe[:N - 1])
+    by_hand = grads(drpo.generate(model.net, torch.cat([mid[:, None], z[:, N:]], 1), cond, model.recipe[N - 1:]))
+    for a, b in zip(last, by_hand):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    size = lambda g: torch.sqrt(sum(v.square().sum() for v in g))
+    assert size([a - b for a, b in zip(full, last)]) > 1e-2 * size(full)  # truncation changes the gradient
+    model.net.enable_gradient_checkpointing()
+    for a, b in zip(full, grads(drpo.generate(model.net, z, cond, model.recipe))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     flux = tmp_path / "flux"
@@ -578,6 +608,10 @@ def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tm
     with pytest.raises(ValueError, match="DDIMScheduler's step is not affine"):
         drpo.step_recipe(ddim)
     assert drpo.step_recipe(DDIMScheduler(clip_sample=False, timestep_spacing="trailing"))[0][0] == 999
+    # a multistep solver's step also reads earlier steps' outputs: no affine step of its own, refused beyond one step
+    from diffusers import DPMSolverMultistepScheduler
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler remembers earlier steps"):
+        drpo.step_recipe(DPMSolverMultistepScheduler(), 4)
 
 
 def test_teacher_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_latent_only(tiny_any):
