@@ -32,6 +32,11 @@ gradient), so the weight-free one leaves what the structures differ in.
     git worktree add /tmp/before HEAD~1
     python benchmarks/step_cost.py --preset tiny-cpu --parts structures --against /tmp/before
 
+Sampler steps (`--parts steps`): at K = 24 the update for N = 1, 2, 4 sampling steps, backpropagating
+through all N or only the last (--grad-steps 1), each with and without --gradient-checkpointing.
+
+    python benchmarks/step_cost.py --preset tiny-cpu --parts steps --json benchmarks/results/step_cost_steps.json
+
 Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
 costs many tiny-UNet forwards (16-18x on the machine it was sized on, 7x on another), as HPSv3
 (~13 TFLOP per image: Qwen2-VL-7B over ~800 tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at
@@ -208,7 +213,8 @@ def peak_mb(device):
     return float("nan")
 
 
-def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="teacher"):
+def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pil_reward", features="teacher",
+                extra=()):
     """`steps` updates of the real training loop; returns the per-update phase times."""
     n = str(min(8, K // 3))  # the published 8 / 8 where K allows
     features = "unet" if features == "teacher" and "unet" in drpo.FEATURES else features  # --against an old checkout
@@ -218,7 +224,7 @@ def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pi
                         "--grad-chunk", str(chunk), "--reward-batch", str(chunk or K), "--n-pos", n, "--n-neg", n,
                         "--grad-accum", "1", "--max-steps", str(steps), "--resolution", str(resolution),
                         "--device", str(device), "--sample-every", "0", "--save-every", "1000000",
-                        "--output-dir", out, "--overwrite"])
+                        "--output-dir", out, "--overwrite", *extra])
         if rc != 0:
             raise RuntimeError(f"drpo.main exited with {rc}")
         return [json.loads(line)["phases_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -333,6 +339,20 @@ def structure_worker(method, model, K, chunk, steps, warmup, resolution, device,
     totals = [sum(r.values()) for r in rows]
     print(json.dumps({"method": method, "candidates": K, "grad_chunk": chunk or K, "features": features,
                       "total_s": statistics.median(totals), "totals_s": totals, "peak_mb": peak_mb(device),
+                      "phases_s": {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PHASES}}), flush=True)
+
+
+def steps_worker(model, K, N, grad_steps, ckpt, steps, warmup, resolution, device):
+    """One sampler setting (N steps, the last grad_steps with a graph, checkpointing) in this process."""
+    device = torch.device(device)
+    reset_peak(device)
+    extra = ["--inference-steps", str(N), "--grad-steps", str(grad_steps)] + (["--gradient-checkpointing"] if ckpt
+                                                                              else [])
+    rows = drpo_update(model, K, 0, warmup + steps, resolution, device, reward="brightness", extra=extra)[warmup:]
+    totals = [sum(r.values()) for r in rows]
+    print(json.dumps({"inference_steps": N, "grad_steps": grad_steps, "gradient_checkpointing": ckpt,
+                      "candidates": K, "total_s": statistics.median(totals), "totals_s": totals,
+                      "peak_mb": peak_mb(device),
                       "phases_s": {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PHASES}}), flush=True)
 
 
@@ -460,12 +480,32 @@ def structures(args, preset, model, device):
     return {"structures": rows}
 
 
+def sampler_steps(args, preset, model, device, K=24):
+    """The update against the sampler's steps N, the steps K it backpropagates through (--grad-steps) and
+    --gradient-checkpointing (each step recomputed in backward), at the published K = 24 candidates, unchunked."""
+    rows = []
+    for N in (1, 2, 4):
+        for grad_steps in sorted({N, 1}, reverse=True):
+            for ckpt in (False, True):
+                rows += run_worker(dict(part="steps", model=model, K=K, N=N, grad_steps=grad_steps, ckpt=ckpt,
+                                        steps=preset["structure_steps"], warmup=preset["warmup"],
+                                        resolution=preset["resolution"], device=str(device)))
+    print(f"\nK={K} candidates, brightness reward, teacher features, median of {preset['structure_steps']} updates")
+    print(f"{'N':>2s} {'grad':>4s} {'ckpt':>4s} {'s/update':>9s} {'peak MB':>8s}  " +
+          " ".join(f"{p[:8]:>8s}" for p in PHASES))
+    for r in rows:
+        print(f"{r['inference_steps']:2d} {r['grad_steps']:4d} {'yes' if r['gradient_checkpointing'] else 'no':>4s} "
+              f"{r['total_s']:9.3f} {r['peak_mb']:8.0f}  " + " ".join(f"{r['phases_s'][p]:8.3f}" for p in PHASES))
+    return {"sampler_steps": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
     ap.add_argument("--parts", default="scaling,structures",
                     help="comma list: scaling (DrPO against the reward gradient, K ascending), structures (three "
-                         "update structures at K = 24)")
+                         "update structures at K = 24), steps (the update against the sampler's steps N, "
+                         "--grad-steps and checkpointing; not in the default)")
     ap.add_argument("--reward-arch", choices=("tiny", *QWEN2VL),
                     help="reward network of scaling (default: the preset's)")
     ap.add_argument("--candidates", help="comma list of K for scaling (default: the preset's)")
@@ -476,11 +516,12 @@ def main():
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        return structure_worker(**spec) if spec.pop("part", None) == "structure" else worker(**spec)
+        part = spec.pop("part", None)
+        return {"structure": structure_worker, "steps": steps_worker}.get(part, worker)(**spec)
     preset = PRESETS[args.preset]
     parts = args.parts.split(",")
-    if set(parts) - {"scaling", "structures"}:
-        sys.exit(f"--parts {args.parts}: choose from scaling, structures")
+    if set(parts) - {"scaling", "structures", "steps"}:
+        sys.exit(f"--parts {args.parts}: choose from scaling, structures, steps")
     arch = args.reward_arch or preset["reward_arch"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arch == "qwen2vl-7b" and device.type != "cuda" and "scaling" in parts:
@@ -493,6 +534,8 @@ def main():
             summary.update(scaling(args, preset, model, arch, device, candidates))
         if "structures" in parts:
             summary.update(structures(args, preset, model, device))
+        if "steps" in parts:
+            summary.update(sampler_steps(args, preset, model, device))
     summary.update(device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
                    preset=args.preset, resolution=preset["resolution"],
                    precision="bf16" if device.type == "cuda" else "fp32", date=time.strftime("%Y-%m-%d"),
