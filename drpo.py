@@ -1,7 +1,7 @@
 """DrPO: Drifting Preference Optimization for one-step text-to-image generators.
 
-A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one-step
-generators too: DMD2, SDXL-Lightning, SANA-Sprint; docs/models.md).
+A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one- and
+few-step generators too: DMD2, SDXL-Lightning, SANA-Sprint; --inference-steps N; docs/models.md).
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's but 2 defaults (section 5)
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
@@ -18,7 +18,7 @@ One training step, per prompt c, as in the paper:
 
 Sections, in reading order:
   1. the drift field: pure torch, copy it into your own trainer;
-  2. one-step sampling and the training loop, whose blocks are the five steps above;
+  2. sampling (one step, or N) and the training loop, whose blocks are the five steps above;
   3. what the loop calls: feature maps, the reward protocol, the LoRA, the generator (ports of other
      people's networks live beside this file in rewards/, features/ and generators/, one file per model);
   4. plumbing: several processes, files, validation;
@@ -263,7 +263,7 @@ def select_pos_neg(scores, n_pos, n_neg):
 
 
 # ----------------------------------------------------------------------------------------
-# 2. One-step sampling and the training loop
+# 2. Sampling (the scheduler's one step, or N) and the training loop
 # ----------------------------------------------------------------------------------------
 
 
@@ -850,7 +850,7 @@ MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/
                  "sana-sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"}
 TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint"}  # offline demos, built on first use
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-FAMILIES = {"SanaSprintPipeline": "generators.sana"}  # other one-step families: pipeline class -> their file
+FAMILIES = {"SanaSprintPipeline": "generators.sana"}  # other families: pipeline class -> their file
 MULTI_STEP = {"FluxPipeline": "FLUX.1 is a flow-matching model sampled in several steps (schnell: 4)",
               "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)",
               "SanaPipeline": "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)"}
@@ -893,7 +893,7 @@ def model_class(model):
     if name not in (*PIPELINES, *FAMILIES):
         why = f": {MULTI_STEP[name]}, and has no DrPO generator file yet" if name in MULTI_STEP else ""
         raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join([*PIPELINES, *FAMILIES])} "
-                         f"(SD-Turbo, SDXL-Turbo, one-step SDXL UNets such as DMD2's, SANA-Sprint: docs/models.md)")
+                         f"(SD-Turbo, SDXL-Turbo, one/few-step SDXL UNets such as DMD2's, SANA-Sprint: docs/models.md)")
     return path, name
 
 
@@ -1378,7 +1378,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="DrPO: finetune a one-step text-to-image generator toward a reward "
+    p = argparse.ArgumentParser(description="DrPO: finetune a one- or few-step text-to-image generator toward a reward "
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a diffusers pipeline "

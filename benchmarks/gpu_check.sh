@@ -5,7 +5,9 @@
 #     reward: this project at --grad-chunk 0 (= K) and 8, and the authors' update structure;
 #   - DrPO against the reward gradient through HPSv3's architecture (Qwen2-VL-7B + head), K = 24;
 #   - in that comparison, the DrPO update at --grad-chunk 8 with the HPSv3 architecture on the same GPU
-#     is the paper's one-GPU command (grad-accum does not change the peak): its peak_mb.
+#     is the paper's one-GPU command (grad-accum does not change the peak): its peak_mb;
+#   - the update against the sampler's steps (N = 1, 2, 4; --grad-steps N and 1; with and without
+#     --gradient-checkpointing) on the same architecture: a second file, at most 4 more minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU
 #   GPU_CHECK_SIZE=toy bash benchmarks/gpu_check.sh    # the same steps at toy size, on a CPU
@@ -25,3 +27,5 @@ diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__
 timeout "$limit" python benchmarks/step_cost.py --preset "$preset" --parts structures,scaling --reward-arch "$arch" \
   --candidates 24 --json "$out/gpu_check_$size.json"
 echo "wrote $out/gpu_check_$size.json"
+timeout 240 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
+  || echo "the steps part did not finish within 240 s (what it printed is above)"
