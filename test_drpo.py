@@ -1335,6 +1335,11 @@ def test_pairs_images_are_resized_center_cropped_and_encoded_once(request, tmp_p
                       "--n-pos", "1", "--n-neg", "1", "--grad-accum", "2", "--sample-every", "0",
                       "--output-dir", str(tmp_path / "o")]) == 0
     assert len(calls) == 1 and len(calls[0]) == 4
+    if arch != "sana":  # the pairs enter as final images: the same file trains a two-step sampler
+        assert drpo.main(["--model", tiny, "--pairs", str(tmp_path / "p.jsonl"), "--max-steps", "2", "--candidates",
+                          "4", "--n-pos", "1", "--n-neg", "1", "--sample-every", "0", "--inference-steps", "2",
+                          "--output-dir", str(tmp_path / "two")]) == 0
+        assert len(metrics_of(tmp_path / "two")) == 2
 
 
 @pytest.mark.parametrize("lines,message", [
