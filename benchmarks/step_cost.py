@@ -227,7 +227,8 @@ def drpo_update(model, K, chunk, steps, resolution, device, reward="step_cost:pi
                         "--output-dir", out, "--overwrite", *extra])
         if rc != 0:
             raise RuntimeError(f"drpo.main exited with {rc}")
-        return [json.loads(line)["phases_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return [r["phases_s"] for r in rows if "phases_s" in r]  # not the held-out evaluation's lines
 
 
 def adam_step(params, optimizer):
@@ -346,8 +347,8 @@ def steps_worker(model, K, N, grad_steps, ckpt, steps, warmup, resolution, devic
     """One sampler setting (N steps, the last grad_steps with a graph, checkpointing) in this process."""
     device = torch.device(device)
     reset_peak(device)
-    extra = ["--inference-steps", str(N), "--grad-steps", str(grad_steps)] + (["--gradient-checkpointing"] if ckpt
-                                                                              else [])
+    extra = ["--inference-steps", str(N), "--grad-steps", str(grad_steps), "--eval-every", "0"] + (
+        ["--gradient-checkpointing"] if ckpt else [])
     rows = drpo_update(model, K, 0, warmup + steps, resolution, device, reward="brightness", extra=extra)[warmup:]
     totals = [sum(r.values()) for r in rows]
     print(json.dumps({"inference_steps": N, "grad_steps": grad_steps, "gradient_checkpointing": ckpt,
