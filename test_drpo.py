@@ -1645,12 +1645,13 @@ print("ok", [round(float(s), 4) for s in scores])
         "geneval": f"port.geneval_reward({str(meta)!r}, 'cpu', {str(det)!r}, {str(tiny_clip)!r})",
     }
     # judge: its own test below; serve serves drpo's rewards, so it imports drpo; the clients of served rewards,
-    # vlm and remote, need a server to score (tested against real ones below): here they import without drpo
-    clients = ["vlm", "remote"]
+    # vlm and remote, need a server to score (tested against real ones below), and pairs reads --pairs files
+    # (tested with the pairs runs): here they import without drpo
+    clients = ["vlm", "remote", "pairs"]
     ports = {p.stem for p in (root / "rewards").glob("*.py")} - {"__init__", "judge", "serve", *clients}
     assert sorted(calls) == sorted(ports)
     done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import rewards.vlm, "
-                           f"rewards.remote; assert 'drpo' not in sys.modules, 'imported drpo'"],
+                           f"rewards.remote, rewards.pairs; assert 'drpo' not in sys.modules, 'imported drpo'"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     for name, call in calls.items():
