@@ -345,7 +345,8 @@ def generate(net, z, cond, recipe, grad_steps=None):
 
 def decode(vae, latents):
     """Latents -> images in [0, 1], (B, 3, H, W) float32."""
-    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    shift = getattr(vae.config, "shift_factor", None) or 0  # FLUX's and SD3's VAEs shift the latents too
+    img = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -580,10 +581,10 @@ class _StopForward(Exception):
     """Raised by the last feature hook: the network's layers after it are not needed."""
 
 
-def teacher_features(net, layers, t=100, c_in=1.0, noise_level=0.1):
+def teacher_features(net, layers, t=100, c_in=1.0, item=0, noise_level=0.1):
     """Teacher features: outputs of blocks of the frozen base network (LoRA off) on c_in * (latent + noise_level *
     noise) at timestep t, average-pooled to 4x4 (a transformer's tokens as their square grid), one vector per
-    block. Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer
+    block (of a tuple, the image's item: 0 for UNet blocks, -1 after the text tokens of FLUX's and SD3's). Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer
     does. The caller passes the noise, so a latent featurized twice (field, then a --grad-chunk regression) sees
     the same draw. SD/SDXL: t = 100, c_in = 1 and the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
     from torch.utils.checkpoint import checkpoint
@@ -595,7 +596,7 @@ def teacher_features(net, layers, t=100, c_in=1.0, noise_level=0.1):
         outs, checkpointing = {}, net.is_gradient_checkpointing
 
         def hook(module, inputs, output):
-            outs[module] = output[0] if isinstance(output, tuple) else output
+            outs[module] = output[item] if isinstance(output, tuple) else output
             if len(outs) == len(modules):
                 raise _StopForward
 
@@ -635,8 +636,8 @@ def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2=None, 
     conditioning rows) are passed to every map; the teacher uses them. layers (None: the model's default blocks) are
     the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens."""
     if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
-        t, c_in, default = model.teacher
-        return teacher_features(model.net, layers or default, t, c_in)
+        t, c_in, default, *item = model.teacher  # item: FLUX's and SD3's
+        return teacher_features(model.net, layers or default, t, c_in, *item)
     if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
         return lambda latents, noise, cond: map_stats(latents, "latent")
     if name == "mae":  # the paper's: the latent-MAE encoder's last map
@@ -847,13 +848,13 @@ def save_lora(model, out_dir, card):
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo",
-                 "sana-sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers"}
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint"}  # offline demos, built on first use
+                 "sana-sprint": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+                 "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+                 "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo"}
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint", "tiny-flux": "flux", "tiny-sd3": "sd3"}
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-FAMILIES = {"SanaSprintPipeline": "generators.sana"}  # other families: pipeline class -> their file
-MULTI_STEP = {"FluxPipeline": "FLUX.1 is a flow-matching model sampled in several steps (schnell: 4)",
-              "StableDiffusion3Pipeline": "SD3 / SD3.5 sample in several steps (Large Turbo: 4)",
-              "SanaPipeline": "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)"}
+FAMILIES = {"SanaSprintPipeline": "generators.sana", "FluxPipeline": "generators.flux",  # pipeline class -> file
+            "StableDiffusion3Pipeline": "generators.sd3"}
 TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config says 1024 (model card)
 
 
@@ -891,9 +892,10 @@ def model_class(model):
     except (OSError, ValueError, KeyError) as e:
         raise model_error(model, path, e) from e
     if name not in (*PIPELINES, *FAMILIES):
-        why = f": {MULTI_STEP[name]}, and has no DrPO generator file yet" if name in MULTI_STEP else ""
-        raise ValueError(f"--model {model} is a {name}{why}. Supported: {', '.join([*PIPELINES, *FAMILIES])} "
-                         f"(SD-Turbo, SDXL-Turbo, one/few-step SDXL UNets such as DMD2's, SANA-Sprint: docs/models.md)")
+        supported = ", ".join([*PIPELINES, *FAMILIES])
+        raise ValueError(f"--model {model} is a {name}, which DrPO has no generator for. Supported: {supported} "
+                         f"(SD-Turbo, SDXL-Turbo, few-step SDXL UNets such as DMD2's and Lightning's, SANA-Sprint, "
+                         f"FLUX.1-schnell, SD3.5-Large-Turbo: docs/models.md)")
     return path, name
 
 

@@ -43,20 +43,16 @@ def brightest_spread(vaes, latents, max_clipped=0.05):
     to black or white count: past the clip, mean brightness rises with any spread of the images, learned or not,
     and a random-reward control would seem to learn."""
     with torch.no_grad():
-        images = [v.decode(latents / v.config.scaling_factor).sample / 2 + 0.5 for v in vaes]  # as drpo.decode
+        images = [v.decode(latents / v.config.scaling_factor + (getattr(v.config, "shift_factor", None) or 0)).sample
+                  / 2 + 0.5 for v in vaes]  # as drpo.decode
     spread = [im.clamp(0, 1).mean((1, 2, 3)).std().item() for im in images]
     ok = [i for i, im in enumerate(images) if ((im < 0) | (im > 1)).float().mean() <= max_clipped] or range(len(vaes))
     return vaes[max(ok, key=lambda i: spread[i])]
 
 
-def make_tiny(out_dir, seed=0, arch="sd"):
-    """A small SD- or SDXL-architecture pipeline with random weights, saved with save_pretrained so
-    that drpo.py loads it through the same code as SD-Turbo / SDXL-Turbo."""
-    if arch == "sana-sprint":
-        return make_tiny_sana(out_dir, seed)
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def byte_clip(seed=0):
+    """A CLIP tokenizer over a byte-level vocabulary and a toy CLIP text config for it (torch seeded with seed)."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     # A byte-level CLIP vocabulary: every byte, with and without the end-of-word mark, no merges.
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -72,6 +68,21 @@ def make_tiny(out_dir, seed=0, arch="sd"):
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
         projection_dim=32)
+    return tokenizer, text_config
+
+
+def make_tiny(out_dir, seed=0, arch="sd"):
+    """A small SD- or SDXL-architecture pipeline with random weights, saved with save_pretrained so
+    that drpo.py loads it through the same code as SD-Turbo / SDXL-Turbo."""
+    if arch == "sana-sprint":
+        return make_tiny_sana(out_dir, seed)
+    if arch in ("flux", "sd3"):
+        return make_tiny_flow(out_dir, seed, arch)
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, text_config = byte_clip(seed)
     text_encoder = CLIPTextModel(text_config)
     if arch == "sdxl":  # a second text encoder with a projection; the UNet also takes pooled text + time ids
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
@@ -137,6 +148,47 @@ def make_tiny_sana(out_dir, seed=0):
         for _ in range(8)], z)
     pipe = SanaSprintPipeline(tokenizer=GemmaTokenizer(vocab=vocab, merges=[]), text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=SCMScheduler(prediction_type="trigflow", sigma_data=0.5))
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_flow(out_dir, seed=0, arch="flux"):
+    """A small FluxPipeline (FLUX.1-schnell's layout) or StableDiffusion3Pipeline (SD3.5's) with random weights, 128 px
+    images: a 16-channel VAE with the model's scaling and shift factors, a flow-matching Euler scheduler at the
+    model's fixed shift (schnell 1, SD3.5-Large-Turbo 3), CLIP + T5 text encoders (SD3: two CLIPs), all at toy width;
+    both tokenizers are the byte-level CLIP one. FLUX's stock pipeline samples 1024 px by default (its
+    default_sample_size): pass --resolution 128 to train or evaluate the tiny one at its own size."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, text_config = byte_clip(seed)
+    t5 = T5EncoderModel(T5Config(vocab_size=text_config.vocab_size, d_model=32 if arch == "flux" else 64, d_kv=8,
+                                 d_ff=64, num_layers=2, num_heads=4, pad_token_id=text_config.pad_token_id))
+    factors = dict(scaling_factor=0.3611, shift_factor=0.1159) if arch == "flux" else \
+        dict(scaling_factor=1.5305, shift_factor=0.0609)  # FLUX.1's and SD3.5's VAE configs
+    vae = brightest_spread([AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
+        use_quant_conv=False, use_post_quant_conv=False, **factors) for _ in range(8)], torch.randn(16, 16, 16, 16))
+    if arch == "flux":
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6))
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                            text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, text_encoder_2=t5,
+                            tokenizer_2=tokenizer, transformer=transformer)
+    else:
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=16)
+        pipe = StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer,
+            text_encoder=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer,
+            text_encoder_3=t5, tokenizer_3=tokenizer)
     pipe.save_pretrained(out_dir)
     return out_dir
 
@@ -209,10 +261,10 @@ def make_tiny_llava(out_dir, seed=0):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL or SANA-Sprint pipeline (diffusers "
+    ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL, SANA-Sprint, FLUX or SD3 pipeline (diffusers "
                                  "folder), or a tiny random Qwen3-VL judge, to DIR.")
     ap.add_argument("dir", help="output folder")
-    ap.add_argument("--arch", choices=("sd", "sdxl", "sana-sprint", "judge"), default="sd", help="architecture")
+    ap.add_argument("--arch", choices=("sd", "sdxl", "sana-sprint", "flux", "sd3", "judge"), default="sd", help="architecture")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
     if a.arch == "judge":
