@@ -273,7 +273,7 @@ def unet_conditioning(pipe, prompts, side):
     the stock pipeline computes them. This is the one place SD and SDXL differ: SD takes CLIP text
     embeddings; SDXL the embeddings of two text encoders, the pooled embedding and the size/crop
     "time ids" (side x side, no crop), as the stock SDXL pipeline builds them."""
-    if is_sdxl(pipe):
+    if type(pipe).__name__ == "StableDiffusionXLPipeline":
         emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
                                                do_classifier_free_guidance=False)
         ids = torch.tensor([side, side, 0, 0, side, side], dtype=emb.dtype, device=emb.device)
@@ -584,9 +584,10 @@ class _StopForward(Exception):
 def teacher_features(net, layers, t=100, c_in=1.0, item=0, noise_level=0.1):
     """Teacher features: outputs of blocks of the frozen base network (LoRA off) on c_in * (latent + noise_level *
     noise) at timestep t, average-pooled to 4x4 (a transformer's tokens as their square grid), one vector per
-    block (of a tuple, the image's item: 0 for UNet blocks, -1 after the text tokens of FLUX's and SD3's). Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer
-    does. The caller passes the noise, so a latent featurized twice (field, then a --grad-chunk regression) sees
-    the same draw. SD/SDXL: t = 100, c_in = 1 and the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
+    block (of a tuple, the image's item: 0 for UNet blocks, -1 for FLUX's and SD3's, after their text tokens).
+    Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer does. The
+    caller passes the noise, so a latent featurized twice (field, then a --grad-chunk regression) sees the same
+    draw. SD/SDXL: t = 100, c_in = 1 and the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
     from torch.utils.checkpoint import checkpoint
     child = lambda m, part: m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)  # "down_blocks.-1"
     modules = {name: functools.reduce(child, name.split("."), net) for name in layers}
@@ -892,10 +893,9 @@ def model_class(model):
     except (OSError, ValueError, KeyError) as e:
         raise model_error(model, path, e) from e
     if name not in (*PIPELINES, *FAMILIES):
-        supported = ", ".join([*PIPELINES, *FAMILIES])
-        raise ValueError(f"--model {model} is a {name}, which DrPO has no generator for. Supported: {supported} "
-                         f"(SD-Turbo, SDXL-Turbo, few-step SDXL UNets such as DMD2's and Lightning's, SANA-Sprint, "
-                         f"FLUX.1-schnell, SD3.5-Large-Turbo: docs/models.md)")
+        raise ValueError(f"--model {model} is a {name}, which DrPO has no generator for. It trains "
+                         f"{', '.join([*PIPELINES, *FAMILIES])}: SD-Turbo, SDXL-Turbo, few-step SDXL UNets (DMD2, "
+                         f"Lightning), SANA-Sprint, FLUX.1-schnell, SD3.5-Large-Turbo (docs/models.md)")
     return path, name
 
 
@@ -941,16 +941,12 @@ def precision_dtype(precision, device):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[auto if precision == "auto" else precision]
 
 
-def is_sdxl(pipe):
-    return type(pipe).__name__ == "StableDiffusionXLPipeline"
-
-
 def latent_shape(model, resolution=None):
     """(C, h, w) of the generator's latents for square images. None = the native side: the network
     config's, at most TURBO_SIDE for SDXL (SDXL-Turbo is trained at 512 px)."""
     f = model.pipe.vae_scale_factor
     side = resolution or model.net.config.sample_size * f
-    if resolution is None and is_sdxl(model.pipe):
+    if resolution is None and type(model.pipe).__name__ == "StableDiffusionXLPipeline":
         side = min(side, TURBO_SIDE)
     return (model.net.config.in_channels, side // f, side // f)
 

@@ -1,11 +1,12 @@
-"""Tiny SD-, SDXL- and SANA-Sprint-architecture pipelines with random weights, for offline demos and tests.
+"""Tiny SD-, SDXL-, SANA-Sprint-, FLUX- and SD3-architecture pipelines with random weights, for offline demos and tests.
 
-    python examples/tiny_model.py DIR [--arch sdxl|sana-sprint]   # write one to DIR
-    python drpo.py --model tiny ...                     # or let drpo.py build it once in the cache (tiny-sdxl, tiny-sana)
+    python examples/tiny_model.py DIR [--arch sdxl|sana-sprint|flux|sd3]   # write one to DIR
+    python drpo.py --model tiny ...     # or let drpo.py build it once in the cache (tiny-sdxl, tiny-sana, tiny-flux, ...)
     python examples/tiny_model.py DIR --arch judge      # a tiny random Qwen3-VL judge for eval.py --judge DIR
 
 Each is saved with `save_pretrained` and loaded back by drpo.py through the same code as SD-Turbo,
-SDXL-Turbo and SANA-Sprint; on 2 CPU cores it trains a DrPO step in about a second. Not part of the
+SDXL-Turbo, SANA-Sprint, FLUX.1-schnell and SD3.5-Large-Turbo; on 2 CPU cores it trains a DrPO step in about a
+second (the tiny FLUX at --resolution 128: its stock default is 1024 px). Not part of the
 method: nothing here is needed to train a real model.
 """
 import argparse
@@ -261,10 +262,11 @@ def make_tiny_llava(out_dir, seed=0):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL, SANA-Sprint, FLUX or SD3 pipeline (diffusers "
-                                 "folder), or a tiny random Qwen3-VL judge, to DIR.")
+    ap = argparse.ArgumentParser(description="Write a tiny random SD, SDXL, SANA-Sprint, FLUX or SD3 pipeline "
+                                 "(diffusers folder), or a tiny random Qwen3-VL judge, to DIR.")
     ap.add_argument("dir", help="output folder")
-    ap.add_argument("--arch", choices=("sd", "sdxl", "sana-sprint", "flux", "sd3", "judge"), default="sd", help="architecture")
+    ap.add_argument("--arch", choices=("sd", "sdxl", "sana-sprint", "flux", "sd3", "judge"), default="sd",
+                    help="architecture")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = ap.parse_args()
     if a.arch == "judge":
