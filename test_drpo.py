@@ -336,14 +336,28 @@ def tiny_sana(tmp_path_factory):
     return tiny_from_the_command_line(tmp_path_factory.mktemp("tinysana") / "model", "sana-sprint", "--model")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    return tiny_from_the_command_line(tmp_path_factory.mktemp("tinyflux") / "model", "flux", "--model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return tiny_from_the_command_line(tmp_path_factory.mktemp("tinysd3") / "model", "sd3", "--model")
+
+
 FAMILIES = {"sd": "tiny", "sdxl": "tiny_sdxl", "sana": "tiny_sana"}
+FLOW_FAMILIES = {"flux": "tiny_flux", "sd3": "tiny_sd3"}  # few-step flow-matching transformers, 4 steps each
 
 
 def family(request, arch):
-    """(tiny model folder, drpo.py flags) of arch: a FAMILIES key, or sdxl-4, SDXL-Turbo's scheduler at 4 steps
-    (Euler-ancestral: fresh noise between steps, drawn from the loop's seeded generator)."""
+    """(tiny model folder, drpo.py flags) of arch: a FAMILIES key; sdxl-4, SDXL-Turbo's scheduler at 4 steps
+    (Euler-ancestral: fresh noise between steps, drawn from the loop's seeded generator); or a FLOW_FAMILIES key,
+    at 4 steps and its tiny model's 128 px (the tiny FLUX's stock default side is FLUX's 1024 px)."""
     if arch == "sdxl-4":
         return request.getfixturevalue("tiny_sdxl"), ["--inference-steps", "4"]
+    if arch in FLOW_FAMILIES:
+        return request.getfixturevalue(FLOW_FAMILIES[arch]), ["--inference-steps", "4", "--resolution", "128"]
     return request.getfixturevalue(FAMILIES[arch]), []
 
 
@@ -555,6 +569,133 @@ def test_a_four_step_dmd2_lora_trains_loads_into_the_stock_pipeline_and_evaluate
     assert ev.main(["--lora", str(tmp_path / "run"), "--model", folder, "--reward", "brightness", "--seeds", "2",
                     "--max-prompts", "2", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["timesteps"] == [999, 749, 499, 249]
+
+
+def stock_latents(pipe, prompt, seed, side, **call):
+    """The stock pipeline's final latents for (prompt, generator=manual_seed(seed)), (1, C, h, w): FLUX's tokens
+    unpacked by the pipeline's own _unpack_latents."""
+    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), height=side, width=side, output_type="latent",
+               **call).images
+    return pipe._unpack_latents(out, side, side, pipe.vae_scale_factor) if out.dim() == 3 else out
+
+
+@pytest.mark.parametrize("arch,steps", [("flux", None), ("flux", 4), ("sd3", None), ("sd3", 4)])
+def test_flow_transformers_equal_the_stock_pipeline_on_each_seed(request, arch, steps):
+    """FLUX's and SD3's sampler (eval.py's noises of seed s through drpo.sample) is the stock pipe(prompt,
+    generator=manual_seed(s)): at the stock __call__'s own steps (28; SD3 without guidance, as Turbo samples) and
+    at --inference-steps 4; the latents to 1e-5 of their scale, the image through the VAE's scaling and shift."""
+    import eval as ev
+
+    folder = request.getfixturevalue(FLOW_FAMILIES[arch])
+    model = drpo.load_generator(folder, steps=steps)
+    assert len(model.recipe) == model.stock_call["num_inference_steps"] == (steps or 28)
+    assert drpo.noise_draws(model.recipe) == 1  # flow-matching Euler: no fresh noise
+    assert drpo.latent_shape(model) == ((16, 128, 128) if arch == "flux" else (16, 16, 16))  # the stock default side
+    call = {k: v for k, v in model.stock_call.items() if steps or k == "guidance_scale"}  # else the stock defaults
+    pipe = pipeline(folder)
+    for seed in (0, 7):
+        x = drpo.sample(model, ["a red fox"], ev.seed_noises(model, 128, [seed]))[0]
+        ref = stock_latents(pipe, "a red fox", seed, 128, **call)
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    image = pipe("a red fox", generator=torch.Generator().manual_seed(7), height=128, width=128, output_type="pt",
+                 **call).images
+    torch.testing.assert_close(drpo.decode(model.pipe.vae, x), image, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,alias,card", [
+    ("flux", "flux-schnell", dict(num_inference_steps=4, max_sequence_length=256)),
+    ("sd3", "sd3.5-large-turbo", dict(num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256))])
+def test_the_aliases_bring_their_model_cards_settings_and_a_plain_folder_the_stock_defaults(request, arch, alias,
+                                                                                            card):
+    folder = request.getfixturevalue(FLOW_FAMILIES[arch])
+    plain = drpo.load_generator(folder)
+    assert plain.stock_call == {**card, "num_inference_steps": 28, "max_sequence_length": 512 if arch == "flux" else 256}
+    pipe = drpo.load_pipeline(folder)
+    pipe.register_to_config(_name_or_path=drpo.MODEL_ALIASES[alias])  # as from_pretrained of the hub id sets it
+    model = drpo.beside(f"generators.{arch}").generator(pipe)
+    assert model.stock_call == card and len(model.recipe) == 4
+    tokens = model.conditioning(["a cat"])["encoder_hidden_states"].shape[1]
+    assert tokens == (256 if arch == "flux" else 77 + 256)  # T5's max_sequence_length (SD3: after CLIP's 77)
+
+
+@pytest.mark.parametrize("arch", FLOW_FAMILIES)
+def test_a_flow_transformer_lora_trains_loads_into_the_stock_pipeline_and_evaluates(request, tmp_path, arch):
+    """FLUX and SD3 at 4 steps train through all 4; the LoRA in the stock pipeline at the model card's keywords
+    samples what drpo.py trained, and eval.py reads the run's model, steps and size from its config.json."""
+    from peft.utils import set_peft_model_state_dict
+
+    import eval as ev
+
+    folder, flags = family(request, arch)
+    assert run(folder, tmp_path / "run", "--max-steps", "2", "--lr", "3e-2", "--sample-every", "0", *flags) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["inference_steps"], config["resolution"]) == (4, 128)
+    assert "num_inference_steps=4" in (tmp_path / "run" / "README.md").read_text()
+    mine = drpo.load_generator(folder, steps=4)
+    drpo.add_lora(mine.net, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
+    set_peft_model_state_dict(mine.net, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["lora"])
+    x = drpo.sample(mine, ["a snowy owl"], ev.seed_noises(mine, 128, [3]))[0]
+    ref = stock_latents(pipeline(folder, tmp_path / "run"), "a snowy owl", 3, 128, **mine.stock_call)
+    base = stock_latents(pipeline(folder), "a snowy owl", 3, 128, **mine.stock_call)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert (ref - base).abs().max() > 1e-3  # the LoRA changed the 4-step samples
+    assert ev.main(["--lora", str(tmp_path / "run"), "--reward", "brightness", "--seeds", "2", "--max-prompts", "2",
+                    "--out", str(tmp_path / "ev")]) == 0
+    settings = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]
+    assert (settings["model"], settings["inference_steps"], settings["resolution"]) == (folder, 4, 128)
+
+
+@pytest.mark.parametrize("arch", FLOW_FAMILIES)
+def test_flow_teacher_features_are_the_stock_blocks_image_tokens_at_sigma_one_eleventh(request, arch):
+    """Independent of teacher_features: x_t = (1 - sigma) x0 + sigma noise at sigma = 1/11 (10/11 of x0 + 0.1 noise),
+    fed to the stock transformer as its pipeline feeds it (FLUX: packed tokens with their ids, timestep sigma; SD3:
+    timestep 1000 sigma); the image tokens of blocks at 1/4, 1/2, 3/4 depth, hooked, as 4 x 4 grids."""
+    folder = request.getfixturevalue(FLOW_FAMILIES[arch])
+    model = drpo.load_generator(folder, steps=4)
+    for p in drpo.add_lora(model.net, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"]):
+        torch.nn.init.normal_(p, std=0.5)  # a LoRA that would show, were it not switched off
+    x, noise = torch.randn(2, 16, 16, 16), torch.randn(2, 16, 16, 16)
+    cond = model.conditioning(["a cat", "a dog"])
+    got = drpo.load_features("teacher", model)(x, noise, cond)
+    pipe = pipeline(folder)
+    blocks = (["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"] if arch == "flux"
+              else ["transformer_blocks.0", "transformer_blocks.1"])  # of 1 + 2 FLUX blocks, of 2 SD3 blocks
+    assert list(got) == [f"teacher.{b}" for b in blocks]
+    outs = []
+    for b in blocks:
+        top, i = b.split(".")
+        getattr(pipe.transformer, top)[int(i)].register_forward_hook(lambda m, inputs, o: outs.append(o[1]))
+    xt = (10 * x + noise) / 11
+    with torch.no_grad():
+        if arch == "flux":
+            pipe.transformer(pipe._pack_latents(xt, 2, 16, 16, 16), timestep=torch.full((2,), 1 / 11),
+                             img_ids=pipe._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32),
+                             txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3), **cond)
+        else:
+            pipe.transformer(xt, timestep=torch.full((2,), 1000 / 11), **cond)
+    for v, o in zip(got.values(), outs):
+        want = torch.nn.functional.adaptive_avg_pool2d(o.permute(0, 2, 1).reshape(2, -1, 8, 8), 4).flatten(1)
+        torch.testing.assert_close(v[:, 0], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_flow_settings_that_do_not_fit_are_refused_before_loading(tiny_flux, tiny_sd3, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    dev = with_scheduler(tiny_flux, tmp_path / "dev", "FlowMatchEulerDiscreteScheduler", use_dynamic_shifting=True)
+    MAE = str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")
+    for folder, flags, said in [
+            (tiny_flux, ["--timesteps", "999"], "FLUX's steps are the stock pipeline's sigmas"),
+            (tiny_sd3, ["--timesteps", "999"], "SD3's steps are the stock scheduler's for N steps"),
+            (tiny_flux, ["--features", "mae", "--mae-ckpt", MAE], "FLUX's latents have 16 channels"),
+            (tiny_sd3, ["--features", "mae", "--mae-ckpt", MAE], "SD3's latents have 16 channels"),
+            (tiny_flux, ["--resolution", "120"], "FLUX needs a multiple of 16 .*e.g. 128"),
+            (tiny_sd3, ["--resolution", "120"], "SD3 needs a multiple of 16"),
+            (tiny_flux, ["--teacher-layers", "transformer_blocks.1"], "single_transformer_blocks.I .I < 2"),
+            (tiny_sd3, ["--teacher-layers", "transformer_blocks.2"], "transformer_blocks.I with I in 0..1"),
+            (dev, [], "use_dynamic_shifting, FLUX.1-dev's")]:
+        assert drpo.main(["--model", folder, "--reward", "brightness", "--output-dir", str(tmp_path / "o"),
+                          *flags]) == 2, flags
+        assert re.search(said, capsys.readouterr().err), (flags, said)
 
 
 def test_grad_steps_backpropagate_through_the_last_steps_only(tiny_sdxl):

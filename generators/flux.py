@@ -96,7 +96,7 @@ def generator(pipe, steps=None, timesteps=None):
         pipe=pipe, net=Unpacked(pipe.transformer, pipe.default_sample_size), name="transformer",
         recipe=flow_recipe(pipe.scheduler, np.linspace(1.0, 1 / n, n)),  # the stock pipeline's sigmas
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: FLUX takes no size input
-        teacher=(1000 / 11, 10 / 11, tuple(every[len(every) * k // 4] for k in (1, 2, 3)), -1),
+        teacher=(1000 / 11, 10 / 11, tuple(every[i] for i in sorted({len(every) * k // 4 for k in (1, 2, 3)})), -1),
         encode=lambda images: pipe.vae.encode(images).latent_dist.mean - pipe.vae.config.shift_factor,
         stock_call=call)
 

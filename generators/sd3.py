@@ -53,10 +53,11 @@ def generator(pipe, steps=None, timesteps=None):
     d = stock_defaults(pipe)
     check_steps(pipe.scheduler.config, steps, timesteps)
     n, layers = steps or d["num_inference_steps"], pipe.transformer.config.num_layers
+    blocks = tuple(f"transformer_blocks.{i}" for i in sorted({layers * k // 4 for k in (1, 2, 3)}))  # 1/4, 1/2, 3/4
     return types.SimpleNamespace(
         pipe=pipe, net=pipe.transformer, name="transformer", recipe=flow_recipe(pipe.scheduler, n),
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: SD3 takes no size input
-        teacher=(1000 / 11, 10 / 11, tuple(f"transformer_blocks.{layers * k // 4}" for k in (1, 2, 3)), -1),
+        teacher=(1000 / 11, 10 / 11, blocks, -1),
         encode=lambda images: pipe.vae.encode(images).latent_dist.mean - pipe.vae.config.shift_factor,
         stock_call=dict(num_inference_steps=n, guidance_scale=0.0, max_sequence_length=d["max_sequence_length"]))
 
