@@ -728,21 +728,17 @@ def test_grad_steps_backpropagate_through_the_last_steps_only(tiny_sdxl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_families_without_a_one_step_recipe_are_refused_with_the_reason(tiny, tmp_path, capsys, monkeypatch):
+def test_families_without_a_generator_are_refused_with_the_supported_ones(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers",
-                                                                                                      "FluxTransformer2DModel"]}))
+    sana = tmp_path / "sana"
+    sana.mkdir()
+    (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))  # SANA, not Sprint
     argv = ["--reward", "brightness", "--max-steps", "1", "--output-dir", str(tmp_path / "o")]
-    assert drpo.main(["--model", str(flux), *argv]) == 2
+    assert drpo.main(["--model", str(sana), *argv]) == 2
     err = capsys.readouterr().err
-    assert "is a FluxPipeline: FLUX.1 is a flow-matching model sampled in several steps" in err
-    assert "Supported: StableDiffusionPipeline, StableDiffusionXLPipeline, SanaSprintPipeline" in err
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))  # SANA, not Sprint
-    assert drpo.main(["--model", str(flux), *argv]) == 2
-    assert "SANA samples in about 20 steps (SANA-Sprint's SanaSprintPipeline is its one-step model)" in \
-        capsys.readouterr().err
+    assert "is a SanaPipeline, which DrPO has no generator for" in err
+    assert ("StableDiffusionPipeline, StableDiffusionXLPipeline, SanaSprintPipeline, FluxPipeline, "
+            "StableDiffusion3Pipeline: SD-Turbo") in err
     # a scheduler whose step is not affine (DDIM clips x0 to [-1, 1]) has no recipe: said, not trained
     from diffusers import DDIMScheduler
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True)
@@ -993,7 +989,7 @@ def interrupting_reward(images, prompts):
     return drpo.brightness_reward(images, prompts)
 
 
-@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4"])
+@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4", *FLOW_FAMILIES])
 def test_resume_continues_exactly_like_an_uninterrupted_run(request, tmp_path, monkeypatch, arch):
     tiny, steps = family(request, arch)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -1036,7 +1032,7 @@ def test_chunked_regression_gives_the_unchunked_gradient(tiny_any, tmp_path):
     assert a.keys() == b.keys() and norm({k: a[k] - b[k] for k in a}) <= 1e-4 * norm(a)
 
 
-@pytest.mark.parametrize("arch", [*FAMILIES, "sdxl-4"])
+@pytest.mark.parametrize("arch", [*FAMILIES, "sdxl-4", *FLOW_FAMILIES])
 def test_one_pass_and_chunked_recompute_make_the_same_updates(request, tmp_path, arch):
     """Unchunked, the loop backpropagates through its sampling pass; --grad-chunk 3 recomputes the
     generator and features in chunks. Both, with and without gradient checkpointing, must make the
@@ -1063,7 +1059,8 @@ def test_one_pass_and_chunked_recompute_make_the_same_updates(request, tmp_path,
         assert norm(diff, up) <= 1e-3 * norm(lora, up), (chunk, ckpt)
         for i, (a, b) in enumerate(zip(rows, other_rows)):
             for key in a.keys() - {"seconds", "phases_s"}:
-                assert b[key] == pytest.approx(a[key], rel=1e-6 if i == 0 else 2e-4, abs=1e-9), (chunk, ckpt, i, key)
+                # later updates: 2.3e-4 apart measured on SD3 (the first agrees to 1e-6, so the update is the same)
+                assert b[key] == pytest.approx(a[key], rel=1e-6 if i == 0 else 5e-4, abs=1e-9), (chunk, ckpt, i, key)
 
 
 def torchrun(*argv, nproc=2):
@@ -1077,7 +1074,7 @@ def torchrun(*argv, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4"])
+@pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4", *FLOW_FAMILIES])
 def test_torchrun_update_equals_one_process_with_the_accumulation_of_all_and_resumes_exactly(request, tmp_path, arch):
     tiny, steps = family(request, arch)
     common = ["--model", tiny, *steps, "--reward", "brightness", "--candidates", "8",
@@ -1225,7 +1222,7 @@ def same_lora(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("arch", ["sd", "sana"])
+@pytest.mark.parametrize("arch", ["sd", "sana", "flux"])
 def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(request, tmp_path, monkeypatch,
                                                                                       capsys, arch):
     tiny, steps = family(request, arch)
