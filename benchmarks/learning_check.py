@@ -10,6 +10,8 @@ prompts that were not used in training.
                                                                  # prefers the brighter image of each pair
     python benchmarks/learning_check.py --out /tmp/learn --model tiny-sdxl --inference-steps 4 [--grad-steps 1]
                                          # SDXL-Turbo's scheduler at 4 steps, trained through all or the last one
+    python benchmarks/learning_check.py --out /tmp/learn --model tiny-flux --inference-steps 4 --resolution 128
+                                         # FLUX.1-schnell's layout at its 4 steps (or tiny-sd3)
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ HELD_OUT = ["a quiet harbor with fishing boats", "a plate of pancakes with berri
             "a snowy owl on a branch", "a vintage car on a country road"]
 
 
-def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1):
+def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1, side=None):
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)  # the class model_index.json names
@@ -34,8 +36,8 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1):
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
     net = getattr(pipe, "unet", None) or pipe.transformer
-    side = net.config.sample_size * pipe.vae_scale_factor
-    # a plain call of the stock pipeline: SANA-Sprint at its defaults, SD/SDXL without guidance, at `steps` steps;
+    side = side or net.config.sample_size * pipe.vae_scale_factor
+    # a plain call of the stock pipeline: SANA-Sprint at its defaults, the others without guidance, at `steps` steps;
     # the generator draws the latents (and a sampler's fresh noise between steps), the same for every prompt
     one = (dict(intermediate_timesteps=None, use_resolution_binning=False)
            if isinstance(pipe, diffusers.SanaSprintPipeline) else dict(guidance_scale=0.0))
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--inference-steps", type=int, default=1, help="drpo.py's --inference-steps, and the held-out "
                     "pipeline's")
     ap.add_argument("--grad-steps", type=int, help="drpo.py's --grad-steps (default: all steps)")
+    ap.add_argument("--resolution", type=int, help="drpo.py's --resolution, and the held-out images' side (default: "
+                    "the model's; the tiny FLUX needs 128)")
     ap.add_argument("--vlm", action="store_true", help="train with --reward vlm against examples/scripted_vlm.py "
                     "(on a free port) instead of the brightness reward")
     args = ap.parse_args()
@@ -72,8 +76,9 @@ def main():
                "--eval-every", "0"]
     model = drpo.resolve_model(args.model)
     steps = ["--inference-steps", str(args.inference_steps)] + (["--grad-steps", str(args.grad_steps)]
-                                                                 if args.grad_steps else [])
-    base, spread = heldout_brightness(model, steps=args.inference_steps)
+                                                                 if args.grad_steps else []) + \
+        (["--resolution", str(args.resolution)] if args.resolution else [])
+    base, spread = heldout_brightness(model, steps=args.inference_steps, side=args.resolution)
     result = {"base": base, "base_std_over_images": spread}
     for reward in ("vlm" if args.vlm else "brightness", "random"):
         out = Path(args.out) / reward
@@ -81,8 +86,8 @@ def main():
         drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", args.lr,
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite",
                    *steps, *(vlm if reward == "vlm" else [])])
-        result[reward] = {"heldout": heldout_brightness(model, out, steps=args.inference_steps)[0],
-                          "train_s": time.time() - t0}
+        heldout = heldout_brightness(model, out, steps=args.inference_steps, side=args.resolution)[0]
+        result[reward] = {"heldout": heldout, "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
     print(json.dumps(result, indent=2))
 
