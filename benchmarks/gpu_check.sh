@@ -7,14 +7,19 @@
 #   - in that comparison, the DrPO update at --grad-chunk 8 with the HPSv3 architecture on the same GPU
 #     is the paper's one-GPU command (grad-accum does not change the peak): its peak_mb;
 #   - the update against the sampler's steps (N = 1, 2, 4; --grad-steps N and 1; with and without
-#     --gradient-checkpointing) on the same architecture: a second file, at most 4 more minutes.
+#     --gradient-checkpointing) on the same architecture: a second file, at most 4 more minutes;
+#   - the update at FLUX.1-schnell's size (its 12 B transformer with random weights, 4 steps, K = 8 at 512 px,
+#     checkpointing, --grad-steps 4 and 1): a third file, at most 5.5 more minutes.
+# All three take up to 18 minutes, more than one session's 15 minutes of device time: GPU_CHECK_PARTS picks.
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU
+#   GPU_CHECK_PARTS=flux,steps bash benchmarks/gpu_check.sh   # some parts only (costs, steps, flux)
 #   GPU_CHECK_SIZE=toy bash benchmarks/gpu_check.sh    # the same steps at toy size, on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${GPU_CHECK_SIZE:-full}
 out=${GPU_CHECK_OUT:-benchmarks/results}
+parts=",${GPU_CHECK_PARTS:-costs,steps,flux},"
 case "$size" in
   full) preset=sd-turbo; arch=qwen2vl-7b; limit=470 ;;
   toy) preset=tiny-cpu; arch=qwen2vl-tiny; limit=600 ;;
@@ -24,8 +29,16 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: running on the CPU"
 python -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-timeout "$limit" python benchmarks/step_cost.py --preset "$preset" --parts structures,scaling --reward-arch "$arch" \
-  --candidates 24 --json "$out/gpu_check_$size.json"
-echo "wrote $out/gpu_check_$size.json"
-timeout 240 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
-  || echo "the steps part did not finish within 240 s (what it printed is above)"
+if [[ $parts == *,flux,* ]]; then
+  timeout 330 python benchmarks/step_cost.py --preset "$preset" --parts flux --json "$out/gpu_check_flux_$size.json" \
+    || echo "the FLUX part did not finish within 330 s (what it printed is above)"
+fi
+if [[ $parts == *,costs,* ]]; then
+  timeout "$limit" python benchmarks/step_cost.py --preset "$preset" --parts structures,scaling --reward-arch "$arch" \
+    --candidates 24 --json "$out/gpu_check_$size.json"
+  echo "wrote $out/gpu_check_$size.json"
+fi
+if [[ $parts == *,steps,* ]]; then
+  timeout 240 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
+    || echo "the steps part did not finish within 240 s (what it printed is above)"
+fi

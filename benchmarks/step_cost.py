@@ -37,6 +37,14 @@ through all N or only the last (--grad-steps 1), each with and without --gradien
 
     python benchmarks/step_cost.py --preset tiny-cpu --parts steps --json benchmarks/results/step_cost_steps.json
 
+FLUX size (`--parts flux`): the same loop on FLUX.1-schnell's architecture with random weights (its 12 B
+transformer and its VAE at full size; the text encoders at their real widths but one layer each, since they run
+once per prompt without gradient), bf16, its 4 steps, K = 8 candidates at 512 px, teacher features,
+--gradient-checkpointing, through all 4 steps and through the last one (--grad-steps 1). On a CPU (tiny-cpu) the
+tiny FLUX stands in, to check the plumbing.
+
+    python benchmarks/step_cost.py --preset sd-turbo --parts flux --json flux.json    # GPU: 24 GB of weights
+
 Reward architectures: `tiny` is a small ViT whose depth was chosen so that scoring one image
 costs many tiny-UNet forwards (16-18x on the machine it was sized on, 7x on another), as HPSv3
 (~13 TFLOP per image: Qwen2-VL-7B over ~800 tokens) relates to the SD-Turbo UNet (~0.7 TFLOP at
@@ -64,9 +72,9 @@ from examples.tiny_model import make_tiny  # noqa: E402
 
 PRESETS = {
     "tiny-cpu": dict(resolution=128, candidates=(8, 16, 24, 32), chunk=8, steps=2, warmup=1, reward_arch="tiny",
-                     structure_steps=10, structure_features=("teacher", "mae")),
+                     structure_steps=10, structure_features=("teacher", "mae"), flux_resolution=128),
     "sd-turbo": dict(resolution=512, candidates=(8, 16, 24, 32), chunk=8, steps=4, warmup=1, reward_arch="tiny",
-                     structure_steps=5, structure_features=("teacher",)),
+                     structure_steps=5, structure_features=("teacher",), flux_resolution=512),
 }
 MAE_TINY = REPO / "fixtures" / "mae_tiny" / "mae_latent_tiny.pth"  # random weights in the published layout
 PHASES = ("sample", "reference", "decode", "reward", "features", "field", "backward", "optimizer")
@@ -108,6 +116,39 @@ def make_sd_turbo_architecture(out_dir):
                             ).save_pretrained(Path(out_dir) / "model")
     return str(Path(out_dir) / "model")
 
+
+FLUX_SCHNELL = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+                    axes_dims_rope=(16, 56, 56))  # its transformer's config
+
+
+def make_flux_architecture(out_dir, device="cuda", transformer=FLUX_SCHNELL):
+    """FLUX.1-schnell's architecture with random weights in bf16, saved like the real model: its transformer (19
+    double- and 38 single-stream blocks, 3072 wide) and VAE as published, its CLIP-L and T5-XXL at their widths
+    but one layer each. Built on the GPU (random init of 12 B parameters on a CPU takes minutes)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = FluxPipeline.from_pretrained(make_tiny(Path(out_dir) / "tiny", arch="flux")).tokenizer  # byte-level
+    vocab = len(tokenizer)
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**transformer).to(torch.bfloat16)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                            shift_factor=0.1159, sample_size=1024).to(torch.bfloat16)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=1, num_attention_heads=12, projection_dim=768,
+                                            eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                                            bos_token_id=vocab - 2)).to(torch.bfloat16)
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+                                     num_heads=64)).to(torch.bfloat16)
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=clip,
+                 tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer
+                 ).save_pretrained(Path(out_dir) / "flux")
+    del transformer, vae, clip, t5
+    torch.cuda.empty_cache()
+    return str(Path(out_dir) / "flux")
 
 
 # ------------------------------------------------------------------ reward networks ----------
@@ -500,13 +541,33 @@ def sampler_steps(args, preset, model, device, K=24):
     return {"sampler_steps": rows}
 
 
+def flux_size(args, preset, device, K=8):
+    """The update on FLUX.1-schnell's architecture (make_flux_architecture; the tiny FLUX on a CPU) at its 4 steps,
+    through all of them and through the last one, with --gradient-checkpointing, K candidates."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        model = make_flux_architecture(tmp) if device.type == "cuda" else str(make_tiny(Path(tmp) / "f", arch="flux"))
+        built_s = time.time() - t0
+        for grad_steps in (4, 1):
+            rows += run_worker(dict(part="steps", model=model, K=K, N=4, grad_steps=grad_steps, ckpt=True,
+                                    steps=2, warmup=1, resolution=preset["flux_resolution"], device=str(device)))
+    print(f"\nFLUX size: K={K} candidates at {preset['flux_resolution']} px, 4 steps, brightness reward, teacher "
+          f"features, checkpointing, median of 2 updates (built in {built_s:.0f} s)")
+    for r in rows:
+        print(f"grad-steps {r['grad_steps']}: {r['total_s']:.2f} s/update, peak {r['peak_mb']:.0f} MB  " +
+              " ".join(f"{p} {r['phases_s'][p]:.2f}" for p in PHASES))
+    return {"flux": rows, "flux_resolution": preset["flux_resolution"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="tiny-cpu")
     ap.add_argument("--parts", default="scaling,structures",
                     help="comma list: scaling (DrPO against the reward gradient, K ascending), structures (three "
                          "update structures at K = 24), steps (the update against the sampler's steps N, "
-                         "--grad-steps and checkpointing; not in the default)")
+                         "--grad-steps and checkpointing), flux (the update at FLUX.1-schnell's size); the last "
+                         "two not in the default")
     ap.add_argument("--reward-arch", choices=("tiny", *QWEN2VL),
                     help="reward network of scaling (default: the preset's)")
     ap.add_argument("--candidates", help="comma list of K for scaling (default: the preset's)")
@@ -521,8 +582,8 @@ def main():
         return {"structure": structure_worker, "steps": steps_worker}.get(part, worker)(**spec)
     preset = PRESETS[args.preset]
     parts = args.parts.split(",")
-    if set(parts) - {"scaling", "structures", "steps"}:
-        sys.exit(f"--parts {args.parts}: choose from scaling, structures, steps")
+    if set(parts) - {"scaling", "structures", "steps", "flux"}:
+        sys.exit(f"--parts {args.parts}: choose from scaling, structures, steps, flux")
     arch = args.reward_arch or preset["reward_arch"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arch == "qwen2vl-7b" and device.type != "cuda" and "scaling" in parts:
@@ -530,13 +591,16 @@ def main():
     candidates = [int(k) for k in args.candidates.split(",")] if args.candidates else list(preset["candidates"])
     t0, summary = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else str(make_tiny(Path(tmp) / "tiny"))
+        model = None if parts == ["flux"] else make_sd_turbo_architecture(tmp) if args.preset == "sd-turbo" else \
+            str(make_tiny(Path(tmp) / "tiny"))
         if "scaling" in parts:
             summary.update(scaling(args, preset, model, arch, device, candidates))
         if "structures" in parts:
             summary.update(structures(args, preset, model, device))
         if "steps" in parts:
             summary.update(sampler_steps(args, preset, model, device))
+        if "flux" in parts:
+            summary.update(flux_size(args, preset, device))
     summary.update(device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
                    preset=args.preset, resolution=preset["resolution"],
                    precision="bf16" if device.type == "cuda" else "fp32", date=time.strftime("%Y-%m-%d"),
