@@ -384,15 +384,17 @@ def structure_worker(method, model, K, chunk, steps, warmup, resolution, device,
                       "phases_s": {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PHASES}}), flush=True)
 
 
-def steps_worker(model, K, N, grad_steps, ckpt, steps, warmup, resolution, device):
+def steps_worker(model, K, N, grad_steps, ckpt, steps, warmup, resolution, device, features="teacher"):
     """One sampler setting (N steps, the last grad_steps with a graph, checkpointing) in this process."""
     device = torch.device(device)
     reset_peak(device)
     extra = ["--inference-steps", str(N), "--grad-steps", str(grad_steps), "--eval-every", "0"] + (
         ["--gradient-checkpointing"] if ckpt else [])
-    rows = drpo_update(model, K, 0, warmup + steps, resolution, device, reward="brightness", extra=extra)[warmup:]
+    rows = drpo_update(model, K, 0, warmup + steps, resolution, device, reward="brightness", features=features,
+                       extra=extra)[warmup:]
     totals = [sum(r.values()) for r in rows]
     print(json.dumps({"inference_steps": N, "grad_steps": grad_steps, "gradient_checkpointing": ckpt,
+                      "features": features,
                       "candidates": K, "total_s": statistics.median(totals), "totals_s": totals,
                       "peak_mb": peak_mb(device),
                       "phases_s": {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PHASES}}), flush=True)
@@ -444,14 +446,17 @@ def forward_ratio(model, arch, resolution, device, n=4):
                                                                 **cond))
 
 
-def run_worker(spec, against=None):
-    """One worker process (its own peak memory); its JSON lines. `against`: import drpo from that checkout."""
+def run_worker(spec, against=None, keep_going=False):
+    """One worker process (its own peak memory); its JSON lines. `against`: import drpo from that checkout.
+    keep_going: a failed worker is reported and gives no lines, instead of ending the benchmark."""
     env = {**os.environ, "STEP_COST_DRPO": str(against)} if against else None
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
                          env=env)
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
-        sys.exit(f"{spec} failed:\n{out.stderr[-3000:]}")
+        print(f"{spec} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        if not keep_going:
+            sys.exit(1)
     return lines
 
 
@@ -543,19 +548,23 @@ def sampler_steps(args, preset, model, device, K=24):
 
 def flux_size(args, preset, device, K=8):
     """The update on FLUX.1-schnell's architecture (make_flux_architecture; the tiny FLUX on a CPU) at its 4 steps,
-    through all of them and through the last one, with --gradient-checkpointing, K candidates."""
+    through all of them and through the last one, with --gradient-checkpointing, K candidates (or --candidates'
+    first); with teacher features, then the latents' (no network) through all steps."""
+    K = int(args.candidates.split(",")[0]) if args.candidates else K
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         model = make_flux_architecture(tmp) if device.type == "cuda" else str(make_tiny(Path(tmp) / "f", arch="flux"))
         built_s = time.time() - t0
-        for grad_steps in (4, 1):
+        for features, grad_steps in (("latent", 4), ("teacher", 4), ("teacher", 1)):
             rows += run_worker(dict(part="steps", model=model, K=K, N=4, grad_steps=grad_steps, ckpt=True,
-                                    steps=2, warmup=1, resolution=preset["flux_resolution"], device=str(device)))
-    print(f"\nFLUX size: K={K} candidates at {preset['flux_resolution']} px, 4 steps, brightness reward, teacher "
-          f"features, checkpointing, median of 2 updates (built in {built_s:.0f} s)")
+                                    steps=2, warmup=1, resolution=preset["flux_resolution"], device=str(device),
+                                    features=features), keep_going=True)
+    print(f"\nFLUX size: K={K} candidates at {preset['flux_resolution']} px, 4 steps, brightness reward, "
+          f"checkpointing, median of 2 updates (built in {built_s:.0f} s)")
     for r in rows:
-        print(f"grad-steps {r['grad_steps']}: {r['total_s']:.2f} s/update, peak {r['peak_mb']:.0f} MB  " +
+        print(f"{r['features']}, grad-steps {r['grad_steps']}: {r['total_s']:.2f} s/update, "
+              f"peak {r['peak_mb']:.0f} MB  " +
               " ".join(f"{p} {r['phases_s'][p]:.2f}" for p in PHASES))
     return {"flux": rows, "flux_resolution": preset["flux_resolution"]}
 
