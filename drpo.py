@@ -1,7 +1,7 @@
 """DrPO: Drifting Preference Optimization for one-step text-to-image generators.
 
 A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one- and
-few-step generators too: DMD2, SDXL-Lightning, SANA-Sprint; --inference-steps N; docs/models.md).
+few-step generators too: DMD2, SDXL-Lightning, SANA-Sprint, FLUX.1-schnell, SD3.5-Large-Turbo; docs/models.md).
 
     python drpo.py --model sd-turbo --reward hpsv3          # the paper's but 2 defaults (section 5)
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
@@ -1379,12 +1379,13 @@ def build_parser():
     p = argparse.ArgumentParser(description="DrPO: finetune a one- or few-step text-to-image generator toward a reward "
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-turbo", help="`sd-turbo`, `sdxl-turbo`, a hub id, a diffusers pipeline "
-                   "folder (SD, SDXL e.g. DMD2, SANA-Sprint: docs/models.md), or `tiny` / `tiny-sdxl` / `tiny-sana` "
-                   "(offline demos)")
+    g.add_argument("--model", default="sd-turbo", help="an alias (sd-turbo, sdxl-turbo, sana-sprint, flux-schnell, "
+                   "sd3.5-large-turbo), a hub id, a diffusers pipeline folder (SD, SDXL e.g. DMD2, SANA-Sprint, FLUX, "
+                   "SD3: docs/models.md), or tiny / tiny-sdxl / tiny-sana / tiny-flux / tiny-sd3 (offline demos)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
     g.add_argument("--inference-steps", type=int, help="N: the generator's sampling steps, all trained through "
-                   "(default: the model's own, 1 here; SD/SDXL-Turbo 1-4, SDXL-Lightning 2, 4 or 8: docs/models.md)")
+                   "(default: the model's own: 1 for the UNets; the stock call's for FLUX and SD3, 4 for the "
+                   "flux-schnell and sd3.5-large-turbo aliases; SD/SDXL-Turbo 1-4, Lightning 2, 4, 8: docs/models.md)")
     g.add_argument("--timesteps", "--timestep", type=ints, help="a UNet scheduler's timesteps, one per step (default: "
                    "the stock pipeline's for N steps; DMD2: 399, its 4-step UNet: 999,749,499,249)")
     g.add_argument("--grad-steps", type=int, help="backpropagate through the last K of the N steps only, the earlier "
@@ -1428,7 +1429,7 @@ def build_parser():
                    "the paper (needs --mae-ckpt; 4-channel latents only)")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
     g.add_argument("--teacher-layers", help="blocks for --features teacher (default: SD/SDXL down_blocks.-1,mid_block,"
-                   "up_blocks.0; SANA-Sprint: transformer_blocks at 1/4, 1/2, 3/4 depth)")
+                   "up_blocks.0; SANA-Sprint, FLUX, SD3: blocks at 1/4, 1/2, 3/4 depth)")
     g.add_argument("--dinov2", help="DINOv2 hub id or folder for --features dinov2 (default: facebook/dinov2-base)")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer updates")

@@ -88,6 +88,9 @@ def generator(pipe, steps=None, timesteps=None):
     latent + 0.1 * noise. A block's output is (text tokens, image tokens): the teacher reads the image's, item -1."""
     d = stock_defaults(pipe)
     check_steps(pipe.scheduler.config, steps, timesteps)
+    # cuDNN's attention failed in backward on FLUX's shapes (torch 2.11 + CUDA 13, H200, 2026-12-04: "mha_graph
+    # .execute(...).is_good()"); the flash and memory-efficient kernels train it (docs/cost.md)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     n = steps or d["num_inference_steps"]
     every = blocks(pipe.transformer.config)
     call = dict(num_inference_steps=n, max_sequence_length=d["max_sequence_length"],
