@@ -1830,10 +1830,32 @@ print("ok")
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
 
 
+def test_generator_files_are_self_contained(tiny_flux):
+    """generators/*.py are copied into other trainers: each imports without drpo, and one builds its fields."""
+    root = Path(__file__).resolve().parent
+    names = sorted(p.stem for p in (root / "generators").glob("*.py") if p.stem != "__init__")
+    assert names == ["flux", "sana", "sd3"]
+    script = f"""
+import sys
+sys.path.insert(0, {str(root)!r})
+import importlib
+from diffusers import FluxPipeline
+mods = [importlib.import_module("generators." + n) for n in {names!r}]
+gen = mods[0].generator(FluxPipeline.from_pretrained({tiny_flux!r}), 4)
+assert len(gen.recipe) == 4 and gen.net.config.in_channels == 16
+assert "drpo" not in sys.modules, "imported drpo"
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
 def test_no_reference_to_a_file_outside_the_repository():
     """Comments and docs cite the paper or the repository's own files: every .md named exists here."""
     root = Path(__file__).resolve().parent
     files = [root / "drpo.py", root / "eval.py", root / "README.md", *root.glob("rewards/*.py"), *root.glob("features/*.py"),
+             *root.glob("generators/*.py"),
              *root.glob("benchmarks/*.py"), *root.glob("docs/*.md"), *root.glob("examples/*.py")]
     for f in files:
         text = f.read_text()
