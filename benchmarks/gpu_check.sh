@@ -7,10 +7,12 @@
 #   - in that comparison, the DrPO update at --grad-chunk 8 with the HPSv3 architecture on the same GPU
 #     is the paper's one-GPU command (grad-accum does not change the peak): its peak_mb;
 #   - the update against the sampler's steps (N = 1, 2, 4; --grad-steps N and 1; with and without
-#     --gradient-checkpointing) on the same architecture: a second file, at most 4 more minutes;
+#     --gradient-checkpointing) on the same architecture: a second file, at most 6 more minutes (ten settings,
+#     each loading the model in its own process: 240 s were too few on an H200, 2026-12-04);
 #   - the update at FLUX.1-schnell's size (its 12 B transformer with random weights, 4 steps, K = 8 at 512 px,
 #     checkpointing, --grad-steps 4 and 1): a third file, at most 5.5 more minutes.
-# All three take up to 18 minutes, more than one session's 15 minutes of device time: GPU_CHECK_PARTS picks.
+# FLUX took 204 s there. All three take up to 20 minutes, more than one session's 15 minutes of device time:
+# GPU_CHECK_PARTS picks.
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU
 #   GPU_CHECK_PARTS=flux,steps bash benchmarks/gpu_check.sh   # some parts only (costs, steps, flux)
@@ -39,6 +41,6 @@ if [[ $parts == *,costs,* ]]; then
   echo "wrote $out/gpu_check_$size.json"
 fi
 if [[ $parts == *,steps,* ]]; then
-  timeout 240 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
-    || echo "the steps part did not finish within 240 s (what it printed is above)"
+  timeout 360 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
+    || echo "the steps part did not finish within 360 s (what it printed is above)"
 fi
