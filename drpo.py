@@ -637,8 +637,8 @@ def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2=None, 
     conditioning rows) are passed to every map; the teacher uses them. layers (None: the model's default blocks) are
     the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens."""
     if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
-        t, c_in, default, *item = model.teacher  # item: FLUX's and SD3's
-        return teacher_features(model.net, layers or default, t, c_in, *item)
+        t, c_in, default, item = model.teacher
+        return teacher_features(model.net, layers or default, t, c_in, item)
     if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
         return lambda latents, noise, cond: map_stats(latents, "latent")
     if name == "mae":  # the paper's: the latent-MAE encoder's last map
@@ -925,11 +925,11 @@ def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timeste
 def unet_generator(pipe, steps=None, timesteps=None):
     """SD or SDXL as the generator the loop uses; generators/NAME.py give other families the same fields. net: the
     trainable network, pipe.<name>; conditioning(prompts, side): its keywords, a row per prompt; recipe: step_recipe's;
-    teacher: (t, c_in, default blocks) of teacher_features; encode: images in [-1, 1] -> latents before the VAE's
+    teacher: (t, c_in, default blocks, item) of teacher_features; encode: images in [-1, 1] -> latents before the VAE's
     scaling factor; stock_call: the stock pipeline's call keywords that sample what generate does (but size, prompt)."""
     return types.SimpleNamespace(pipe=pipe, net=pipe.unet, name="unet", conditioning=functools.partial(
                                  unet_conditioning, pipe), recipe=step_recipe(pipe.scheduler, steps or 1, timesteps),
-                                 teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0")),
+                                 teacher=(100, 1.0, ("down_blocks.-1", "mid_block", "up_blocks.0"), 0),
                                  encode=lambda images: pipe.vae.encode(images).latent_dist.mean,
                                  stock_call=dict(guidance_scale=0.0, **{"num_inference_steps": steps or 1} if
                                                  timesteps is None else {"timesteps": list(timesteps)}))

@@ -87,7 +87,7 @@ def generator(pipe, steps=None, timesteps=None):
     at sigma = 1/11, where x_t = (1 - sigma) latent + sigma noise is 10/11 (latent + 0.1 noise): the UNets'
     latent + 0.1 * noise. A block's output is (text tokens, image tokens): the teacher reads the image's, item -1."""
     d = stock_defaults(pipe)
-    check_steps(pipe.scheduler.config, steps, timesteps)
+    check_steps(pipe.scheduler.config, timesteps)
     # cuDNN's attention failed in backward on FLUX's shapes (torch 2.11 + CUDA 13, H200, 2026-12-04: "mha_graph
     # .execute(...).is_good()"); the flash and memory-efficient kernels train it (docs/cost.md)
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -104,13 +104,11 @@ def generator(pipe, steps=None, timesteps=None):
         stock_call=call)
 
 
-def check_steps(scheduler, steps, timesteps):
+def check_steps(scheduler, timesteps):
     """The schedules ported here: the stock sigmas at a fixed shift (schnell's), N steps, no custom timesteps."""
     if timesteps:
         raise ValueError("--timesteps: FLUX's steps are the stock pipeline's sigmas linspace(1, 1/N, N); "
                          "set their number with --inference-steps N instead")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--inference-steps {steps}: give at least 1 step (FLUX.1-schnell's card: 4)")
     if scheduler.get("use_dynamic_shifting") or scheduler.get("stochastic_sampling"):
         raise ValueError("this FLUX folder's scheduler shifts its steps with the image size (use_dynamic_shifting, "
                          "FLUX.1-dev's) or adds noise (stochastic_sampling): DrPO's FLUX file ports schnell's fixed "
@@ -126,7 +124,7 @@ def check_model(path, resolution=None, steps=None, timesteps=None, features=None
         scheduler = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise OSError(f"could not read the FLUX configs of {path}: {str(e).splitlines()[0]}") from e
-    check_steps(scheduler, steps, timesteps)
+    check_steps(scheduler, timesteps)
     if features == "mae":
         raise ValueError(f"--features mae: the latent-MAE reads 4-channel SD-VAE latents, and FLUX's latents have "
                          f"{vae['latent_channels']} channels; use --features teacher, latent or dinov2")

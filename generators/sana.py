@@ -67,7 +67,7 @@ def generator(pipe, steps=None, timesteps=None):
     return types.SimpleNamespace(
         pipe=pipe, net=pipe.transformer, name="transformer", recipe=[(*one_step_recipe(d["max_timesteps"]), 0.0)],
         conditioning=lambda prompts, side=None: conditioning(pipe, prompts, d),  # side: SANA takes no size input
-        teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers)),
+        teacher=(s, math.cos(t) * k, default_blocks(pipe.transformer.config.num_layers), 0),
         encode=lambda images: pipe.vae.encode(images).latent,
         stock_call=dict(num_inference_steps=1, intermediate_timesteps=None, use_resolution_binning=False))
 

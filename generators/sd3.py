@@ -51,7 +51,7 @@ def generator(pipe, steps=None, timesteps=None):
     at sigma = 1/11, where x_t = (1 - sigma) latent + sigma noise is 10/11 (latent + 0.1 noise): the UNets'
     latent + 0.1 * noise. A block's output is (text tokens, image tokens): the teacher reads the image's, item -1."""
     d = stock_defaults(pipe)
-    check_steps(pipe.scheduler.config, steps, timesteps)
+    check_steps(pipe.scheduler.config, timesteps)
     n, layers = steps or d["num_inference_steps"], pipe.transformer.config.num_layers
     blocks = tuple(f"transformer_blocks.{i}" for i in sorted({layers * k // 4 for k in (1, 2, 3)}))  # 1/4, 1/2, 3/4
     return types.SimpleNamespace(
@@ -62,13 +62,11 @@ def generator(pipe, steps=None, timesteps=None):
         stock_call=dict(num_inference_steps=n, guidance_scale=0.0, max_sequence_length=d["max_sequence_length"]))
 
 
-def check_steps(scheduler, steps, timesteps):
+def check_steps(scheduler, timesteps):
     """The schedules ported here: the stock scheduler's N steps at its fixed shift."""
     if timesteps:
         raise ValueError("--timesteps: SD3's steps are the stock scheduler's for N steps; set their number with "
                          "--inference-steps N instead")
-    if steps is not None and steps < 1:
-        raise ValueError(f"--inference-steps {steps}: give at least 1 step (SD3.5-Large-Turbo's card: 4)")
     if scheduler.get("use_dynamic_shifting") or scheduler.get("stochastic_sampling"):
         raise ValueError("this SD3 folder's scheduler shifts its steps with the image size (use_dynamic_shifting) "
                          "or adds noise (stochastic_sampling): DrPO's SD3 file ports the fixed shift of SD3.5's "
@@ -84,7 +82,7 @@ def check_model(path, resolution=None, steps=None, timesteps=None, features=None
         scheduler = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise OSError(f"could not read the SD3 configs of {path}: {str(e).splitlines()[0]}") from e
-    check_steps(scheduler, steps, timesteps)
+    check_steps(scheduler, timesteps)
     if features == "mae":
         raise ValueError(f"--features mae: the latent-MAE reads 4-channel SD-VAE latents, and SD3's latents have "
                          f"{vae['latent_channels']} channels; use --features teacher, latent or dinov2")
