@@ -1,28 +1,26 @@
-"""DrPO: Drifting Preference Optimization for one-step text-to-image generators.
+"""DrPO: Drifting Preference Optimization for one- and few-step text-to-image generators (arXiv 2606.02521).
 
-A single-file reference implementation of arXiv 2606.02521 for SD-Turbo and SDXL-Turbo (other one- and
-few-step generators too: DMD2, SDXL-Lightning, SANA-Sprint, FLUX.1-schnell, SD3.5-Large-Turbo; docs/models.md).
+A single-file reference implementation for SD-Turbo and SDXL-Turbo; DMD2, SDXL-Lightning, SANA-Sprint,
+FLUX.1-schnell and SD3.5-Large-Turbo go through the same step and loop (docs/models.md).
 
-    python drpo.py --model sd-turbo --reward hpsv3          # the paper's but 2 defaults (section 5)
+    python drpo.py --model sd-turbo --reward hpsv3          # the paper's setting but 2 defaults (section 5)
     python drpo.py --model tiny --reward brightness --max-steps 100 --lr 1e-3 --grad-accum 1   # offline demo
     torchrun --nproc_per_node 4 drpo.py --model sd-turbo --reward hpsv3 --grad-accum 8        # the paper's 4 GPUs
     python drpo.py --model sdxl-turbo --pairs pairs.jsonl     # offline: preference pairs instead of a reward
 
-One training step, per prompt c, as in the paper:
-  1. Sample:     K noises z, x = G_theta(z, c) (LoRA on), r = G_0(z, c) (LoRA off).
-  2. Rank:       decode x, score with the reward (never differentiated), top n_pos / bottom n_neg
-                 (offline, --pairs: the prompt's chosen / rejected images instead).
-  3. Featurize:  feature sets phi(x), phi(positives), phi(negatives), phi(r).
-  4. Field:      dipole preference field V_pref and reference drift V_ref on detached phi(x).
-  5. Regress:    L = sum_k MSE(phi(x)/sigma, sg(phi(x)/sigma + V)), backprop into the LoRA only.
+One DrPO step, for each prompt c (drpo_step in section 2):
+  1. Sample:     K noises z; x = G_theta(z, c) (LoRA on) and, on the same noises, r = G_0(z, c) (LoRA off).
+  2. Rank:       decode x and score it with the reward (never differentiated): the top n_pos are positives,
+                 the bottom n_neg negatives (offline, --pairs: the prompt's chosen / rejected images).
+  3. Featurize:  per feature key k, the sets phi_k(x) (with gradient), phi_k(positives), phi_k(negatives), phi_k(r).
+  4. Field:      on the detached phi_k(x): the dipole preference field V_pref (toward the positives, away from the
+                 negatives) in units of its scale sigma_p, and the reference drift V_ref (toward phi_k(r)) in sigma_r.
+  5. Regress:    L = sum_k [ MSE(phi_k(x)/sigma_p, sg(phi_k(x)/sigma_p + V_pref))
+                             + lambda_ref * MSE(phi_k(x)/sigma_r, sg(phi_k(x)/sigma_r + V_ref)) ], into the LoRA only.
 
-Sections, in reading order:
-  1. the drift field: pure torch, copy it into your own trainer;
-  2. sampling (one step, or N) and the training loop, whose blocks are the five steps above;
-  3. what the loop calls: feature maps, the reward protocol, the LoRA, the generator (ports of other
-     people's networks live beside this file in rewards/, features/ and generators/, one file per model);
-  4. plumbing: several processes, files, validation;
-  5. the command line.
+Sections: 1. the method's settings and the drift field (pure torch); 2. one step, drpo_step, and the run around
+it, train; 3. what they call: sampling, features, rewards, LoRA, generator (ports of other people's networks live
+beside this file in rewards/, features/ and generators/, one file each); 4. plumbing; 5. the command line.
 """
 
 import argparse
@@ -47,54 +45,44 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------
-# 1. The drift field (arXiv 2606.02521). Pure torch: copy these functions into your own trainer.
+# 1. The method's settings and the drift field. Pure torch: copy this section into your own trainer.
 # ----------------------------------------------------------------------------------------
 
-
-KERNELS = ("laplacian", "exponential", "rbf", "cosine")
+# The method's settings at the paper's SD-Turbo values; the field's defaults and the CLI read them (docs/choices.md).
+METHOD = {  # name: (the paper's value, what it is)
+    "candidates": (24, "K: samples per prompt per step; each prompt's K samples (all their tokens) form one set"),
+    "n_pos": (8, "positives: the n_pos best-ranked of a prompt's K samples"),
+    "n_neg": (8, "negatives: its n_neg worst-ranked, disjoint from the positives"),
+    "pos_weight": (3000.0, "weight of each positive (an attractor); each current sample weighs 1 and repels"),
+    "neg_weight": (3000.0, "weight of each negative (a repeller), against the current samples' 1"),
+    "ref_weight": (3000.0, "reference drift: weight of each base sample G_0(z) (an attractor)"),
+    "ref_neg_weight": (3000.0, "reference drift: weight of each current sample as a repeller (its own copy masked)"),
+    "lambda_ref": (0.2, "weight of the reference term in L, which pulls the samples toward the base's and apart"),
+    "radii": ((0.02, 0.05, 0.2), "kernel radii of the preference field, as fractions of its scale s"),
+    "ref_radii": ((0.02, 0.05, 0.2), "kernel radii of the reference drift, as fractions of its scale s"),
+    "kernel": ("laplacian", "affinity: laplacian exp(-d/(s tau)), rbf exp(-(d/(s tau))^2/2) or cosine exp(cos/tau)"),
+}
+PAPER = {name: value for name, (value, _) in METHOD.items()}
+FIELD = ("pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "lambda_ref", "radii", "ref_radii", "kernel")
+KERNELS = ("laplacian", "exponential", "rbf", "cosine")  # exponential: another name for laplacian
 
 
 def _anchor_weights(w, B, n, name, device):
     """A float, or a per-anchor tensor of shape (n,) or (B, n), as a float32 (B, n) tensor."""
-    if not torch.is_tensor(w):
-        return torch.full((B, n), float(w), device=device)
-    w = w.to(device=device, dtype=torch.float32)
-    if w.dim() == 0:
-        return w.expand(B, n)
-    if w.shape == (n,):
-        return w.expand(B, n)
-    if w.shape == (B, n):
-        return w
-    raise ValueError(f"{name} has shape {tuple(w.shape)}; pass a float or a tensor of shape ({n},) or ({B}, {n})")
+    w = torch.as_tensor(w, dtype=torch.float32, device=device)
+    if w.shape not in ((), (n,), (B, n)):
+        raise ValueError(f"{name} has shape {tuple(w.shape)}; pass a float or a tensor of shape ({n},) or ({B}, {n})")
+    return w.expand(B, n)
 
 
-def _check_sets(gen, pos, neg, radii, kernel):
-    for name, t in (("gen", gen), ("pos", pos), ("neg", neg)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be a (B, set size, D) tensor, got shape {tuple(t.shape)}")
-    B, _, D = gen.shape
-    for name, t in (("pos", pos), ("neg", neg)):
-        if t.shape[0] != B or t.shape[2] != D:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but gen has {tuple(gen.shape)}: "
-                             f"batch (dim 0) and feature size (dim 2) must match")
-        if t.shape[1] == 0:
-            raise ValueError(f"{name} is empty: the field needs at least one {name} anchor per set")
-    if gen.shape[1] == 0:
-        raise ValueError("gen is empty: the field needs at least one generated sample per set")
-    if len(radii) == 0 or any(not (r > 0) for r in radii):
-        raise ValueError(f"radii must be a non-empty list of positive numbers, got {tuple(radii)}")
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-
-
-def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2),
-                kernel="laplacian", mask_neg_self=False):
-    """The drift field V on the generated set, and the scale sigma it is measured in.
-
-    gen (B,N,D) generated features, pos (B,P,D) attractors, neg (B,M,D) repellers; the current
-    sample cloud gen is always a repeller too. Returns V (B,N,D) in units of sigma, and sigma
-    (a 0-d tensor), both detached: V is a target, never differentiated.
-    """
+def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=PAPER["radii"], kernel=PAPER["kernel"],
+                mask_neg_self=False):
+    """The drift field V on gen (B,N,D), and the scale sigma it is measured in: pos (B,P,D) attract, neg (B,M,D) and
+    gen itself repel, each gen vector with weight 1 (pos_weight / neg_weight: a float, or one weight per anchor, (P,)
+    or (B,P)). V (B,N,D), in units of sigma, and sigma (0-d) are detached: V is a target, never differentiated. The B
+    sets of a call share the scale s and each radius's normalization (means over the whole tensor, as in the authors'
+    code), so a set's field depends on the others: to keep prompts independent, call it once per prompt (B = 1), as
+    drpo.py does by default (--prompts-per-step 1, the paper's setting)."""
     _check_sets(gen, pos, neg, radii, kernel)
     X = gen.detach().float()
     Yn, Yp = neg.detach().float(), pos.detach().float()
@@ -128,7 +116,9 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
             logits = -0.5 * (d / (s * tau)) ** 2
         else:
             logits = cos / tau
-        # Self-pairs (with mask_neg_self also own copies) sink to the clamp's floor below: no force, ~no mass.
+        # A sample never interacts with itself (with mask_neg_self, nor with its own copy among the repellers): those
+        # logits sink, so the affinity below falls to its floor, 1e-3 x the target's weight. Such a target exerts no
+        # force (it sits where the sample is), but its floor still counts in the masses (3.0 at weight 3000).
         logits = logits.clone()
         logits[:, idx, idx] -= 100.0 / tau
         if mask_neg_self:
@@ -140,46 +130,44 @@ def drift_field(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2
         # Dipole: repulsion weighted by the positive mass, attraction by the negative mass.
         c = torch.cat([-A_neg * m_pos, A_pos * m_neg], dim=-1)
         force = c @ Ts - c.sum(-1, keepdim=True) * Xs
-        # Each radius's force at unit RMS: |V| is fixed, so the loss mean(V^2) stays flat; V's direction learns.
+        # Each radius's force at unit RMS, whatever the features' scale, so every radius counts alike. Their sum V
+        # has an RMS between 0 and len(radii), as the forces align; the loss mean(V^2) moves within that band, not
+        # with the reward. What the regression follows is V's direction.
         V = V + force / force.pow(2).mean().clamp_min(1e-8).sqrt()
     return V, sigma
 
 
-def drift_loss(gen, pos, neg, *, pos_weight, neg_weight, radii=(0.02, 0.05, 0.2),
-               kernel="laplacian", mask_neg_self=False):
-    """Regress gen onto sg(gen + V), in units of sigma (step 5). Returns the B per-set losses.
-
-    The gradient w.r.t. gen is exactly -2 V / (sigma N D) per set: descent moves along the field.
-    """
+def drift_loss(gen, pos, neg, *, pos_weight, neg_weight, radii=PAPER["radii"], kernel=PAPER["kernel"],
+               mask_neg_self=False):
+    """Regress gen onto sg(gen + V) in units of sigma (step 5), for one field. Returns the B per-set losses. The
+    gradient w.r.t. gen is exactly -2 V / (sigma N D) per set: descent moves along the field."""
     V, sigma = drift_field(gen, pos, neg, pos_weight=pos_weight, neg_weight=neg_weight,
                            radii=radii, kernel=kernel, mask_neg_self=mask_neg_self)
     goal = gen.detach().float() / sigma + V
     return (gen.float() / sigma - goal).pow(2).mean(dim=(1, 2))
 
 
-def preference_field(gen, pos, neg, *, pos_weight=3000.0, neg_weight=3000.0,
-                     radii=(0.02, 0.05, 0.2), kernel="laplacian"):
+def preference_field(gen, pos, neg, *, pos_weight=PAPER["pos_weight"], neg_weight=PAPER["neg_weight"],
+                     radii=PAPER["radii"], kernel=PAPER["kernel"]):
     """The dipole preference field: attract to the reward's positives, repel from its negatives."""
     return drift_field(gen, pos, neg, pos_weight=pos_weight, neg_weight=neg_weight, radii=radii, kernel=kernel)
 
 
-def reference_drift(gen, ref, *, ref_weight=3000.0, ref_neg_weight=3000.0, radii=(0.02, 0.05, 0.2),
-                    kernel="laplacian"):
-    """The reference drift: attract to the base generator's samples on the same noises, repel
-    from the current samples themselves (each sample's own copy masked)."""
+def reference_drift(gen, ref, *, ref_weight=PAPER["ref_weight"], ref_neg_weight=PAPER["ref_neg_weight"],
+                    radii=PAPER["ref_radii"], kernel=PAPER["kernel"]):
+    """The reference drift: attract to the base generator's samples on the same noises, repel from the current
+    samples themselves (each sample's own copy masked). With ref equal to gen it is not zero: it spreads the samples."""
     return drift_field(gen, ref, gen, pos_weight=ref_weight, neg_weight=ref_neg_weight, radii=radii,
                        kernel=kernel, mask_neg_self=True)
 
 
-def drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, *, pos_weight=3000.0, neg_weight=3000.0,
-                 ref_weight=3000.0, ref_neg_weight=3000.0, lambda_ref=0.2,
-                 radii=(0.02, 0.05, 0.2), ref_radii=(0.02, 0.05, 0.2), kernel="laplacian"):
-    """The regression targets of the DrPO objective for every feature key.
-
-    Each argument is a dict key -> (B, set size, D) tensor. Returns (targets, stats) where
-    targets[key] is a list of (weight, sigma, goal) terms: the preference term with weight 1
-    and the reference term with weight lambda_ref. regression_loss() turns them into L.
-    """
+def drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, *, pos_weight=PAPER["pos_weight"],
+                 neg_weight=PAPER["neg_weight"], ref_weight=PAPER["ref_weight"],
+                 ref_neg_weight=PAPER["ref_neg_weight"], lambda_ref=PAPER["lambda_ref"], radii=PAPER["radii"],
+                 ref_radii=PAPER["ref_radii"], kernel=PAPER["kernel"]):
+    """The regression targets of the DrPO objective for every feature key. Each argument is a dict key -> (B, set
+    size, D) tensor. Returns (targets, stats): targets[key] lists the (weight, sigma, goal) of each term, the
+    preference term with weight 1 and the reference term with weight lambda_ref; regression_loss() makes them L."""
     if not (gen_feats.keys() == pos_feats.keys() == neg_feats.keys() == ref_feats.keys()):
         raise ValueError("gen, pos, neg and ref feature dicts must have the same keys")
     targets = {}
@@ -201,11 +189,9 @@ def drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, *, pos_weight=3000.
 
 
 def regression_loss(gen_feats, targets, start=0, n_total=None):
-    """L = sum over keys and terms of weight * mean over sets of MSE(gen/sigma, goal).
-
-    With start / n_total, gen_feats hold only the candidates start.. of the n_total per set
-    (each candidate's tokens contiguous); the chunk losses then add up to the full loss.
-    """
+    """L = sum over keys and terms of weight * mean over sets of MSE(gen/sigma, goal). With start / n_total,
+    gen_feats hold only the candidates start.. of the n_total per set (each candidate's tokens contiguous); the
+    chunk losses then add up to the full loss."""
     loss = 0.0
     for key, x in gen_feats.items():
         B, n, D = x.shape
@@ -218,15 +204,281 @@ def regression_loss(gen_feats, targets, start=0, n_total=None):
     return loss
 
 
-def drpo_objective(gen_feats, pos_feats, neg_feats, ref_feats, **field_kwargs):
-    """The DrPO loss: sum_k [L_pref,k + lambda_ref * L_ref,k], mean over sets.
-
-    gen_feats carry the gradient; everything else is a constant. field_kwargs are those of
-    drpo_targets. Returns (loss, stats): preference and reference losses, and the mean feature
-    distances from the samples to the positives, the negatives and the base samples.
-    """
-    targets, stats = drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, **field_kwargs)
+def drpo_objective(gen_feats, pos_feats, neg_feats, ref_feats, **field):
+    """The DrPO loss: sum_k [L_pref,k + lambda_ref * L_ref,k], mean over sets. gen_feats carry the gradient;
+    everything else is a constant. field: drpo_targets' settings (default: the paper's). Returns (loss, stats):
+    preference and reference losses, the preference field's RMS, and the mean feature distances from the samples
+    to the positives, the negatives and the base samples."""
+    targets, stats = drpo_targets(gen_feats, pos_feats, neg_feats, ref_feats, **field)
     return regression_loss(gen_feats, targets), stats
+
+
+def select_pos_neg(scores, n_pos, n_neg):
+    """Indices of the n_pos highest and n_neg lowest scores of each row, disjoint. scores (K,) or (B, K). Ties
+    break by candidate index (stable sort), so the result is deterministic. Positives best first, negatives worst
+    first."""
+    scores = torch.as_tensor(scores)
+    _check_scores(scores, n_pos, n_neg)
+    K = scores.shape[-1]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :n_pos], order[..., K - n_neg:].flip(-1)
+
+
+def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
+    """The four feature sets of one step, {key: (B, set size, D)}, detached: gen (a prompt's K samples), pos / neg
+    (its top / bottom ones), ref (the base samples on the same noises). fx, fr: {key: (B*K, T, D)} features of the
+    samples and the base samples, prompt by prompt; fa: of as many anchors per prompt (images outside the samples
+    that the ranking may pick) or None; pos_idx, neg_idx: (B, n) indices into a prompt's K samples, then its anchors."""
+    B = pos_idx.shape[0]
+    i = torch.arange(B, device=pos_idx.device)[:, None]  # each prompt's row
+    gen, pos, neg, ref = {}, {}, {}, {}
+    for key, f in fx.items():
+        f = f.detach().view(B, -1, *f.shape[1:])  # (B, K, T, D)
+        gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
+        if fa is not None:  # each prompt's anchors follow its K samples
+            f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)
+        pos[key], neg[key] = f[i, pos_idx].flatten(1, 2), f[i, neg_idx].flatten(1, 2)
+    return gen, pos, neg, ref
+
+
+def regress(fx, targets, K, chunk, refeaturize, accum=1):
+    """Step 5: backward() of L / accum, through the graph of fx = phi(x); or, with chunk < K, with the features of
+    `chunk` candidates per prompt at a time recomputed with gradient by refeaturize(part) (part: their rows of a
+    (B*K, ...) tensor): memory flat in K, the same gradient (the targets are constants, so L sums over candidates)."""
+    B = next(iter(targets.values()))[0][2].shape[0]
+    for c0 in range(0, K, chunk):
+        if chunk < K:
+            fx = refeaturize(lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + chunk].flatten(0, 1))
+        fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
+        (regression_loss(fc, targets, start=c0, n_total=K) / accum).backward()
+
+
+def rows(cond, f):
+    """f (repeat or slice rows) applied to every tensor of a conditioning, nested too (SDXL's added_cond_kwargs)."""
+    return {k: rows(v, f) if isinstance(v, dict) else f(v) for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# 2. One DrPO step, and the run around it
+# ----------------------------------------------------------------------------------------
+
+
+def drpo_step(G, G0, phi, ranker, cond, z, feat_noise, field, chunk=None, accum=1, lap=lambda phase: None):
+    """One micro-step on B prompts, K candidates each: the five steps, ending in backward() of L / accum (the loop
+    adds accum micro-steps' gradients into one update). Its inputs:
+
+    G(z, cond), G0(z, cond): latents from unit noises, through the sampler's steps, with the LoRA (G_theta) and with
+        it off (the frozen base G_0). SD-Turbo's one step: x0 = sigma (z - eps(sqrt(1 - a) z, 999, c)) (step_recipe).
+    phi(latents, noise, cond) -> {key: (n, T, D)}: the frozen feature map, T tokens of D numbers per latent. noise
+        is a unit draw like the latents (the teacher adds 0.1 x it), passed so that a latent featurized twice (here,
+        then in chunked regression) sees the same draw; cond: the latents' conditioning rows.
+    ranker(x, cond) -> (pos_idx, neg_idx, anchors, scores): (B, n_pos) / (B, n_neg) indices into each prompt's K
+        candidates, then its anchors; anchors: None, or (latents, noise, cond) of images outside the candidates
+        that the indices may pick; scores: (B, K) or None, for the logs (reward_ranker, pairs_ranker).
+    cond: the network's conditioning, a row per prompt; z: (B, K, draws, C, h, w) unit noises (the start, then each
+    step's fresh noise if the sampler adds any); feat_noise: (B, K, C, h, w). field: drpo_targets' settings.
+    chunk: candidates per regression pass (None or 0: all K, through step 1's graph). lap(phase): a phase has ended.
+    Returns the field's statistics, the ranking and the candidates' feature sets, for the loop's logs.
+    """
+    B, K = z.shape[:2]
+    z, feat_noise, chunk = z.flatten(0, 1), feat_noise.flatten(0, 1), chunk or K
+    cond_k = rows(cond, lambda v: v.repeat_interleave(K, 0))  # a row per candidate
+
+    # 1. Sample K candidates per prompt from G_theta (with the graph that step 5 backpropagates, unless it
+    #    recomputes them in chunks), and from the frozen base G_0 on the same noises.
+    with torch.set_grad_enabled(chunk >= K):
+        x = G(z, cond_k)
+    lap("sample")
+    with torch.no_grad():
+        r = G0(z, cond_k)
+    lap("reference")
+
+    # 2. Rank each prompt's candidates into positives and negatives (a reward is never differentiated).
+    pos_idx, neg_idx, anchors, scores = ranker(x, cond)
+    lap("reward")
+
+    # 3. Featurize: phi(x) keeps x's graph; the positives, negatives and base samples are constants.
+    fx = phi(x, feat_noise, cond_k)
+    with torch.no_grad():
+        fr = phi(r, feat_noise, cond_k)
+        fa = phi(*anchors) if anchors else None
+    gen, pos, neg, ref = feature_sets(fx, fr, pos_idx, neg_idx, fa)
+    lap("features")
+
+    # 4. Field: the dipole preference field and the reference drift on the detached features, as targets.
+    targets, stats = drpo_targets(gen, pos, neg, ref, **field)
+    lap("field")
+
+    # 5. Regress phi(x) onto sg(phi(x) + V) of both terms: backward() into the LoRA.
+    refeaturize = lambda part: phi(G(part(z), rows(cond_k, part)), part(feat_noise), rows(cond_k, part))
+    regress(fx, targets, K, chunk, refeaturize, accum)
+    lap("backward")
+    return stats, (pos_idx, neg_idx, scores), gen
+
+
+def reward_ranker(reward, decode, n_pos, n_neg, batch_size):
+    """Step 2 by a reward: a ranker (prompts, anchor_noise, lap, x, cond) that decodes each prompt's K candidates,
+    scores them under no_grad (reward: list of PIL images, list of prompts -> (n,) scores; load_reward) and takes
+    the top n_pos as positives, the bottom n_neg as negatives; no anchors. The loop binds prompts, anchor_noise, lap."""
+    def rank(prompts, anchor_noise, lap, x, cond):
+        with torch.no_grad():
+            images = [im for i in range(0, len(x), batch_size) for im in decode(x[i:i + batch_size])]
+        lap("decode")
+        K = len(x) // len(prompts)
+        scores = torch.stack([reward(images[b * K:(b + 1) * K], [p] * K) for b, p in enumerate(prompts)])
+        return *select_pos_neg(scores, n_pos, n_neg), None, scores
+    rank.counts = reward.counts  # a VLM's requests and invalid answers since the last update (rewards/vlm.py)
+    return rank
+
+
+def pairs_ranker(pairs, latent_of, n_pos, n_neg):
+    """Step 2 from offline preference pairs (--pairs): a prompt's chosen images are its positives and its rejected
+    ones its negatives, at most n_pos / n_neg (as many for every prompt of the step), appended to its K candidates
+    as anchors: their latents (latent_of: image path -> latent), feature noise and conditioning rows."""
+    def rank(prompts, anchor_noise, lap, x, cond):
+        B, K = len(prompts), len(x) // len(prompts)
+        P = min(n_pos, *(len(pairs[p][0]) for p in prompts))
+        M = min(n_neg, *(len(pairs[p][1]) for p in prompts))
+        latents = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
+                               for p in prompts]).flatten(0, 1).to(x.device, x.dtype)
+        anchors = (latents, anchor_noise[:, :P + M].flatten(0, 1), rows(cond, lambda v: v.repeat_interleave(P + M, 0)))
+        pos_idx = torch.arange(K, K + P, device=x.device).expand(B, P)
+        return pos_idx, torch.arange(K + P, K + P + M, device=x.device).expand(B, M), anchors, None
+    rank.counts = dict
+    return rank
+
+
+def train(args, stop_asked=()):
+    """The run around drpo_step. Setup, then per update: this process's share of grad_accum x world micro-steps, one
+    AdamW step of the LoRA, and what a run writes. stop_asked: a list that signals append to (deferred_signals): the
+    loop then saves, stops and returns that signal (None when it ends at --max-steps)."""
+    from tqdm import tqdm
+
+    # Setup: every setting is checked before any model loads; an error in any process stops them all.
+    rank, world, local_rank = init_distributed()  # one process, or one of `world` under torchrun (docs/scaling.md)
+    with all_or_none(world):
+        check_args(args, world)
+    device, dtype = run_device(args.device, args.precision, local_rank)
+    amp = lambda fn: torch.autocast(device.type, dtype, enabled=dtype != torch.float32)(fn)  # fn's passes in dtype
+    with all_or_none(world):
+        model = load_generator(args.model, dtype, device, args.inference_steps, args.timesteps)  # frozen
+        torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
+        # the trainable LoRA; its B matrices start at zero, so G_theta = G_0 at update 0
+        params = add_lora(model.net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+        if args.gradient_checkpointing:
+            model.net.enable_gradient_checkpointing()
+        phi = amp(load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
+                                dtype=dtype, layers=args.teacher_layers and args.teacher_layers.split(",")))
+        prompts, ranker, reward = load_ranking(args, model, device, local_rank, amp)
+    # G_theta and G_0 as drpo_step calls them: (z, cond) -> latents through the sampler's steps, LoRA on / off
+    G = amp(functools.partial(generate, model.net, recipe=model.recipe, grad_steps=args.grad_steps))
+    G0 = amp(lora_off(model.net)(functools.partial(generate, model.net, recipe=model.recipe)))
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    field = {name: getattr(args, name) for name in FIELD}
+    rng = torch.Generator().manual_seed(args.seed)  # all randomness of the loop: prompt order and noises
+    step, order = start_or_resume(args, model.net, optimizer, rng, rank, world)
+    outputs = beside("eval")  # what a run writes and eval.py reads back: metrics, held-out scores, snapshots, grids
+    watch = args.eval_every and outputs.Watch(args, model, phi, reward, step, rank, world)  # held-out evaluation
+    n_micro, side = args.grad_accum * world, latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
+    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
+
+    stop = False
+    while step < args.max_steps and not stop:
+        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
+        log = {}  # the update's figures, summed over its micro-steps (add_to_log)
+        with all_or_none(world), explain_out_of_memory(lap, device, args.output_dir):
+            for micro in range(n_micro):  # micro-steps of all processes (n_micro = grad_accum x world)
+                batch, z, feat_noise, anchor_noise = draw(rng, order, prompts, args, model, device, dtype)
+                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
+                    continue
+                out = drpo_step(G, G0, phi, functools.partial(ranker, batch, anchor_noise, lap),
+                                model.conditioning(batch, side), z, feat_noise, field, args.grad_chunk, n_micro, lap)
+                add_to_log(log, *out, args.candidates, n_micro)
+        log |= {**ranker.counts(), "stop": float(len(stop_asked) > 0)}  # summed over the processes with the rest
+        all_reduce_update(params, log, world)  # one process's share of the update -> all of it, on every process
+        stop = log.pop("stop") > 0  # a signal to any process stops every process after this same update
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # before clipping
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lap("optimizer")
+        step += 1
+        if rank == 0:
+            outputs.write_metrics(Path(args.output_dir), step, log, grad_norm, optimizer, times, bar)
+        best = watch and watch(step)  # when due: held-out scores; True if the best so far (its snapshot saved)
+        if rank == 0:  # one writer
+            outputs.save_outputs(args, model, optimizer, rng, order, step, stop, best, watch, prompts, amp)
+        if stop and world > 1:
+            dist.barrier()  # rank 0 has saved before any process leaves
+    bar.close()
+    signum = (stop_asked or [signal.SIGTERM])[0] if stop else None
+    if signum and rank == 0:
+        print(f"\nstopped by {signal.Signals(signum).name} after update {step}; the LoRA and a checkpoint of that "
+              f"update are in {args.output_dir}: continue with the same command and --resume", file=sys.stderr)
+    return signum
+
+
+# ----------------------------------------------------------------------------------------
+# 3. What the step and the loop call: the loop's parts, sampling, feature maps, rewards, the LoRA, the generator
+# ----------------------------------------------------------------------------------------
+
+
+def run_device(device, precision, local_rank):
+    """--device (default: this process's GPU, else the CPU) and --precision -> (device, dtype of the frozen weights)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device, precision_dtype(precision, device)
+
+
+def load_ranking(args, model, device, local_rank, amp):
+    """The training prompts, how a step ranks its candidates (a ranker: reward_ranker or pairs_ranker, unbound)
+    and the reward (None with --pairs), which the held-out evaluation scores with too."""
+    side = latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
+    if args.pairs:  # {prompt: (chosen paths, rejected paths)}, each image VAE-encoded once, kept in memory
+        pairs = beside("rewards.pairs").read_pairs(args.pairs)
+        return list(pairs), pairs_ranker(pairs, beside("rewards.pairs").latents_of(pairs, model, side), args.n_pos,
+                                         args.n_neg), None
+    reward_device = reward_device_of(args.reward_device, device, local_rank)
+    reward = load_reward(args.reward, reward_device, args.reward_batch,
+                         precision_dtype(args.reward_precision, reward_device), geneval_metadata=args.prompts,
+                         **reward_options(args))
+    to_images = amp(lambda x: to_pil(decode(model.pipe.vae, x)))
+    ranker = reward_ranker(reward, to_images, args.n_pos, args.n_neg, args.reward_batch)
+    return read_prompts(args.prompts), ranker, reward
+
+
+def draw(rng, order, prompts, args, model, device, dtype):
+    """A micro-step's randomness, all from rng in a fixed order, so every process and a resumed run draw alike: B
+    prompts (from order, refilled with a fresh random order of all prompts each epoch), each prompt's K start noises
+    (and the sampler's fresh ones), their feature noise, and the feature noise of --pairs' anchors (else None)."""
+    B, K, shape = args.prompts_per_step, args.candidates, latent_shape(model, args.resolution)
+    while len(order) < B:
+        order += torch.randperm(len(prompts), generator=rng).tolist()
+    batch, order[:] = [prompts[i] for i in order[:B]], order[B:]  # order is the run's: kept in checkpoints
+    z = torch.randn((B, K, noise_draws(model.recipe), *shape), generator=rng).to(device, dtype)
+    feat_noise = torch.randn((B, K, *shape), generator=rng).to(device, dtype)
+    anchors = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype) if args.pairs else None
+    return batch, z, feat_noise, anchors
+
+
+STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates")
+
+
+def add_to_log(log, stats, ranking, gen, K, n_micro):
+    """A micro-step's figures into the update's log: its scores, and STATS (the field's statistics and the
+    candidates' diversity, spread) as means over the update's n_micro micro-steps."""
+    pos_idx, neg_idx, scores = ranking
+    for key in ("scores", "pos", "neg"):  # kept for the logs: all scores, the positives' and the negatives'
+        log.setdefault(key, [])
+    if scores is not None:
+        log["scores"].append(scores.flatten())
+        log["pos"].append(scores.gather(1, pos_idx).flatten())
+        log["neg"].append(scores.gather(1, neg_idx).flatten())
+    samples = {k: v.unflatten(1, (K, -1)).flatten(0, 1) for k, v in gen.items()}  # (B*K, T, D): sample by sample
+    stats["spread_candidates"] = spread(samples, K).mean().item()
+    for k in STATS:
+        log[k] = log.get(k, 0.0) + stats[k] / n_micro
 
 
 def spread(feats, n):
@@ -240,39 +492,14 @@ def spread(feats, n):
     return total
 
 
-def select_pos_neg(scores, n_pos, n_neg):
-    """Indices of the n_pos highest and n_neg lowest scores of each row, disjoint.
-
-    scores (K,) or (B, K). Ties break by candidate index (stable sort), so the result is
-    deterministic. Positives come best first, negatives worst first.
-    """
-    scores = torch.as_tensor(scores)
-    if scores.dim() not in (1, 2):
-        raise ValueError(f"scores must have shape (K,) or (B, K), got {tuple(scores.shape)}")
-    K = scores.shape[-1]
-    if n_pos < 1 or n_neg < 1:
-        raise ValueError(f"n_pos={n_pos} and n_neg={n_neg} must both be at least 1")
-    if n_pos + n_neg > K:
-        raise ValueError(f"n_pos + n_neg = {n_pos + n_neg} exceeds the {K} candidates per prompt; "
-                         f"lower --n-pos/--n-neg or raise --candidates")
-    if not torch.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinite values; check the reward model "
-                         "(nothing is selected from invalid scores)")
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[..., :n_pos], order[..., K - n_neg:].flip(-1)
-
-
-# ----------------------------------------------------------------------------------------
-# 2. Sampling (the scheduler's one step, or N) and the training loop
-# ----------------------------------------------------------------------------------------
+# Sampling: the stock pipeline's steps as the loop's generate(), and what turns latents into images
 
 
 @torch.no_grad()
 def unet_conditioning(pipe, prompts, side):
-    """The UNet's keyword inputs besides the noisy latent and the timestep, a row per prompt, exactly as
-    the stock pipeline computes them. This is the one place SD and SDXL differ: SD takes CLIP text
-    embeddings; SDXL the embeddings of two text encoders, the pooled embedding and the size/crop
-    "time ids" (side x side, no crop), as the stock SDXL pipeline builds them."""
+    """The UNet's keyword inputs besides the noisy latent and the timestep, a row per prompt, as the stock pipeline
+    computes them: the one place SD and SDXL differ. SD takes CLIP text embeddings; SDXL the embeddings of two text
+    encoders, the pooled embedding and the size/crop "time ids" (side x side, no crop)."""
     if type(pipe).__name__ == "StableDiffusionXLPipeline":
         emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
                                                do_classifier_free_guidance=False)
@@ -284,17 +511,15 @@ def unet_conditioning(pipe, prompts, side):
     return {"encoder_hidden_states": pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]}
 
 
-def rows(cond, f):
-    """f (repeat or slice rows) applied to every tensor of a conditioning, nested too (SDXL's added_cond_kwargs)."""
-    return {k: rows(v, f) if isinstance(v, dict) else f(v) for k, v in cond.items()}
-
-
 def step_recipe(scheduler, steps=1, timesteps=None):
     """The stock pipeline's steps as [(t, c_in, c_x, c_out, c_eps)]: the network sees c_in * x at timestep t, and
     the step gives c_x * x + c_out * its output + c_eps * fresh unit noise, from x = z (unit noise; init_noise_sigma
     folded into step 1). Read off a copy of the scheduler set for num_inference_steps=steps (or timesteps: DMD2's 399,
     or 999,749,499,249), so prediction type, input scaling and fresh noise (LCM, Euler-ancestral; 0 elsewhere) are
-    the scheduler's. SD-Turbo: c_in = sqrt(1 - a), c_x = -c_out = sigma = sqrt((1 - a) / a), a = alphas_cumprod[999]."""
+    the scheduler's. SD-Turbo (Euler, trailing spacing; a = alphas_cumprod[999]): c_in = sqrt(1 - a) = 0.998 and
+    c_x = -c_out = sigma = sqrt((1 - a) / a) = 14.61, so x0 = sigma (z - eps(sqrt(1 - a) z)). The textbook's
+    (z - sqrt(1 - a) eps(z)) / sqrt(a) has 1 and 14.65: that scheduler starts from sigma z, not sqrt(sigma^2 + 1) z,
+    and the recipe follows it, so what trains is what the stock pipeline samples."""
     import copy
     s, recipe, name = copy.deepcopy(scheduler), [], type(scheduler).__name__
     s.set_timesteps(steps) if timesteps is None else s.set_timesteps(timesteps=list(timesteps))
@@ -371,199 +596,6 @@ def lora_off(net):
             net.enable_adapters()
 
 
-def feature_sets(fx, fr, pos_idx, neg_idx, fa=None):
-    """The four feature sets of one micro-step, {key: (B, set size, D)}, detached: gen (a prompt's K samples),
-    pos / neg (its top / bottom ones), ref (the base samples on the same noises). fx, fr: {key: (B*K, T, D)}
-    features of the samples and the base samples, prompt by prompt; fa: of as many anchors per prompt (offline
-    pairs) or None; pos_idx, neg_idx: (B, n) indices into a prompt's K samples, then its anchors."""
-    B = pos_idx.shape[0]
-    i = torch.arange(B, device=pos_idx.device)[:, None]  # each prompt's row
-    gen, pos, neg, ref = {}, {}, {}, {}
-    for key, f in fx.items():
-        f = f.detach().view(B, -1, *f.shape[1:])  # (B, K, T, D)
-        gen[key], ref[key] = f.flatten(1, 2), fr[key].reshape(B, -1, f.shape[-1])
-        if fa is not None:  # each prompt's anchors follow its K samples
-            f = torch.cat([f, fa[key].view(B, -1, *f.shape[2:])], 1)
-        pos[key], neg[key] = f[i, pos_idx].flatten(1, 2), f[i, neg_idx].flatten(1, 2)
-    return gen, pos, neg, ref
-
-
-def train(args, stop_asked=()):
-    """The DrPO loop: each update runs the five steps on grad_accum x world micro-steps of B prompts, then one
-    AdamW step of the LoRA; writes the LoRA, metrics, sample grids and checkpoints. stop_asked: a list that
-    signals append to (deferred_signals): the loop then saves, stops and returns that signal (None at the end)."""
-    from tqdm import tqdm
-
-    # One process, or one of `world` under torchrun: each runs every world-th micro-step, then one
-    # all-reduce sums the LoRA gradients (docs/scaling.md); rank 0 writes all outputs.
-    rank, world, local_rank = init_distributed()
-    with all_or_none(world):  # every setting, before any model loads (each process checks; the first to fail speaks)
-        check_args(args, world)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    dtype = precision_dtype(args.precision, device)
-    out = Path(args.output_dir)
-    pairs = args.pairs and beside("rewards.pairs").read_pairs(args.pairs)  # offline: {prompt: (chosen, rejected)}
-    prompts = list(pairs) if pairs else read_prompts(args.prompts)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # Models: the generator (frozen), a LoRA on its network (trainable), the reward, the feature map.
-    with all_or_none(world):  # if one process cannot load (missing weights, memory), all stop
-        model = load_generator(args.model, dtype, device, args.inference_steps, args.timesteps)
-        net, vae, recipe = model.net, model.pipe.vae, model.recipe  # the UNet (SANA: the transformer)
-        torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
-        params = add_lora(net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-        if args.gradient_checkpointing:
-            net.enable_gradient_checkpointing()
-        phi = load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
-                            dtype=dtype, layers=args.teacher_layers and args.teacher_layers.split(","))
-        shape, draws = latent_shape(model, args.resolution), noise_draws(recipe)  # draws: unit noises per sample
-        side = shape[-1] * model.pipe.vae_scale_factor  # image side in pixels
-        if pairs:  # offline preference pairs: each image VAE-encoded once, kept in memory
-            latent_of = beside("rewards.pairs").latents_of(pairs, model, side)
-        else:
-            reward_device = reward_device_of(args.reward_device, device, local_rank)
-            reward_fn = load_reward(args.reward, reward_device, args.reward_batch,
-                                    precision_dtype(args.reward_precision, reward_device),
-                                    geneval_metadata=args.prompts, **reward_options(args))
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay)
-    field_kwargs = dict(pos_weight=args.pos_weight, neg_weight=args.neg_weight, ref_weight=args.ref_weight,
-                        ref_neg_weight=args.ref_neg_weight, lambda_ref=args.lambda_ref, radii=args.radii,
-                        ref_radii=args.ref_radii, kernel=args.kernel)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    K, B, C = args.candidates, args.prompts_per_step, args.grad_chunk or args.candidates
-    n_micro = args.grad_accum * world  # micro-steps per update, over all processes
-
-    # All randomness of the loop (prompt order, noises) comes from one torch.Generator, saved in checkpoints.
-    rng = torch.Generator().manual_seed(args.seed)
-    grid_noises = torch.randn((args.grid_noises, draws, *shape), generator=torch.Generator().manual_seed(args.seed + 1))
-    step, order = start_or_resume(args, net, optimizer, rng, rank, world)
-    # Held-out evaluation (--eval-every): eval.py's scores of fixed (prompt, seed) images; the base's at update 0.
-    watch = args.eval_every and beside("eval").Watch(args, model, phi, None if pairs else reward_fn, step, rank, world)
-
-    bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
-    stop = False
-    while step < args.max_steps and not stop:
-        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
-        log = {"scores": [], "pos": [], "neg": [], **dict.fromkeys(STATS, 0.0)}
-        with all_or_none(world), explain_out_of_memory(lap, device, out):  # an error in any process stops all
-            for micro in range(n_micro):
-                while len(order) < B:  # walk through the prompts in a fresh random order each epoch
-                    order += torch.randperm(len(prompts), generator=rng).tolist()
-                batch, order = [prompts[i] for i in order[:B]], order[B:]
-                z = torch.randn((B * K, draws, *shape), generator=rng).to(device, dtype)  # start (+ fresh) noises
-                feat_noise = torch.randn((B * K, *shape), generator=rng).to(device, dtype)
-                if pairs:  # the anchors' feature noise
-                    anchor_noise = torch.randn((B, args.n_pos + args.n_neg, *shape), generator=rng).to(device, dtype)
-                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
-                    continue
-                prompt_cond = model.conditioning(batch, side)
-                cond = rows(prompt_cond, lambda v: v.repeat_interleave(K, 0))  # one row per candidate
-
-                # 1. Sample: K candidates from G_theta (unchunked, with the graph step 5 backpropagates) and,
-                # on the same noises, from the base G_0; each through the sampler's N steps (one for SD-Turbo).
-                with torch.set_grad_enabled(C >= K), autocast:
-                    x = generate(net, z, cond, recipe, args.grad_steps)
-                lap("sample")
-                with torch.no_grad(), autocast, lora_off(net):
-                    r = generate(net, z, cond, recipe)
-                lap("reference")
-
-                # 2. Rank: decode, score (never differentiated), top n_pos / bottom n_neg per prompt.
-                if not pairs:
-                    with torch.no_grad(), autocast:
-                        images = [im for i in range(0, B * K, args.reward_batch)
-                                  for im in to_pil(decode(vae, x[i:i + args.reward_batch]))]
-                    lap("decode")
-                    scores = torch.stack([reward_fn(images[b * K:(b + 1) * K], [batch[b]] * K) for b in range(B)])
-                    pos_idx, neg_idx = select_pos_neg(scores, args.n_pos, args.n_neg)
-                else:  # offline: the prompt's chosen / rejected images are the positives / negatives, appended
-                    # to its candidates as anchors (at most n_pos / n_neg, as many for every prompt of the batch)
-                    P = min(args.n_pos, *(len(pairs[p][0]) for p in batch))
-                    M = min(args.n_neg, *(len(pairs[p][1]) for p in batch))
-                    anchors = torch.stack([torch.stack([latent_of[f] for f in pairs[p][0][:P] + pairs[p][1][:M]])
-                                           for p in batch]).flatten(0, 1).to(device, x.dtype)
-                    anchor_cond = rows(prompt_cond, lambda v: v.repeat_interleave(P + M, 0))
-                    pos_idx = torch.arange(K, K + P, device=device).expand(B, P)
-                    neg_idx = torch.arange(K + P, K + P + M, device=device).expand(B, M)
-                lap("reward")
-
-                # 3. Featurize: a prompt's K samples' tokens form one set per feature key; phi(x) keeps x's graph.
-                with autocast:
-                    fx = phi(x, feat_noise, cond)
-                    with torch.no_grad():
-                        fr = phi(r, feat_noise, cond)
-                        fa = phi(anchors, anchor_noise[:, :P + M].flatten(0, 1), anchor_cond) if pairs else None
-                gen, pos, neg, ref = feature_sets(fx, fr, pos_idx, neg_idx, fa)
-                lap("features")
-
-                # 4. Field: preference dipole and reference drift on the detached features -> targets.
-                targets, stats = drpo_targets(gen, pos, neg, ref, **field_kwargs)
-                stats["spread_candidates"] = spread(fx, K).mean().item()  # diversity of a prompt's K samples
-                lap("field")
-
-                # 5. Regress onto sg(phi(x) + V): unchunked, through step 3's graph; with --grad-chunk C < K,
-                # x = G_theta(z) recomputed with gradient C candidates at a time, so memory stays flat in K.
-                for c0 in range(0, K, C):
-                    if C < K:
-                        part = lambda t: t.view(B, K, *t.shape[1:])[:, c0:c0 + C].flatten(0, 1)  # candidates c0..
-                        cc = rows(cond, part)
-                        with autocast:
-                            fx = phi(generate(net, part(z), cc, recipe, args.grad_steps), part(feat_noise), cc)
-                    fc = {k: v.reshape(B, -1, v.shape[-1]) for k, v in fx.items()}
-                    (regression_loss(fc, targets, start=c0, n_total=K) / n_micro).backward()
-                lap("backward")
-
-                if not pairs:
-                    log["scores"].append(scores.flatten())
-                    log["pos"].append(scores.gather(1, pos_idx).flatten())
-                    log["neg"].append(scores.gather(1, neg_idx).flatten())
-                for k in STATS:
-                    log[k] += stats[k] / n_micro
-
-        log |= {} if pairs else reward_fn.counts()  # a VLM's requests and invalid answers (rewards/vlm.py)
-        log["stop"] = float(len(stop_asked) > 0)  # summed over the processes with the rest of the log
-        if world > 1:
-            all_reduce_update(params, log)
-        stop = log.pop("stop") > 0  # a signal to any process stops every process after this same update
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lap("optimizer")
-        step += 1
-        if rank == 0:
-            write_metrics(out, step, log, grad_norm, optimizer, times, bar)
-        saved = watch and (step % args.eval_every == 0 or step == args.max_steps) and watch(step)  # a new best: saved
-        if rank == 0:  # one writer: rank 0 logs, samples and saves
-            if not saved and (step % args.save_lora_every == 0 or step == args.max_steps or stop):
-                beside("eval").save_snapshot(out, model, args, step, watch and watch.last)
-            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                with autocast:
-                    grid = image_grid(sample_images(model, prompts[:args.grid_prompts], grid_noises), len(grid_noises))
-                (out / "samples").mkdir(exist_ok=True)
-                atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
-            if stop or step == args.max_steps or (args.sample_every and step % args.sample_every == 0):
-                beside("eval").plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
-            if stop or step % args.save_every == 0 or step == args.max_steps:
-                save_checkpoint(out, model, optimizer, rng, step, order,
-                                beside("eval").model_card(args, model, step, watch and watch.last, out))
-        if stop and world > 1:
-            dist.barrier()  # rank 0 has saved before any process leaves
-    bar.close()
-    signum = (stop_asked or [signal.SIGTERM])[0] if stop else None
-    if signum and rank == 0:
-        print(f"\nstopped by {signal.Signals(signum).name} after update {step}; the LoRA and a checkpoint of that "
-              f"update are in {out}: continue with the same command and --resume", file=sys.stderr)
-    return signum
-
-
-# ----------------------------------------------------------------------------------------
-# 3. What the loop calls: feature maps phi, the reward protocol, the LoRA, the generator
-# ----------------------------------------------------------------------------------------
-
-
 def map_stats(fmap, prefix):
     """Mean/std over all positions and over p x p patches (row-major) of a (B, C, h, w) map."""
     B, C, h, w = fmap.shape
@@ -577,18 +609,17 @@ def map_stats(fmap, prefix):
     return out
 
 
-class _StopForward(Exception):
-    """Raised by the last feature hook: the network's layers after it are not needed."""
-
-
 def teacher_features(net, layers, t=100, c_in=1.0, item=0, noise_level=0.1):
     """Teacher features: outputs of blocks of the frozen base network (LoRA off) on c_in * (latent + noise_level *
-    noise) at timestep t, average-pooled to 4x4 (a transformer's tokens as their square grid), one vector per
-    block (of a tuple, the image's item: 0 for UNet blocks, -1 for FLUX's and SD3's, after their text tokens).
-    Conditioned on the latent's own prompt (cond: conditioning rows), as the published SDXL-Turbo trainer does. The
-    caller passes the noise, so a latent featurized twice (field, then a --grad-chunk regression) sees the same
-    draw. SD/SDXL: t = 100, c_in = 1 and the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
+    noise) at timestep t, average-pooled to 4x4 (a transformer's tokens as their square grid), one vector per block
+    (of a tuple output, the image's item: 0 for UNet blocks, -1 for FLUX's and SD3's). Conditioned on the latent's own
+    prompt (cond), as the published SDXL-Turbo trainer does; the caller passes the noise, so a latent featurized twice
+    sees the same draw. SD/SDXL: t = 100, c_in = 1, the published blocks (down_blocks.-1 = down_blocks.2 on SDXL)."""
     from torch.utils.checkpoint import checkpoint
+
+    class _StopForward(Exception):  # raised by the last hook: the network's layers after it are not needed
+        pass
+
     child = lambda m, part: m[int(part)] if part.lstrip("-").isdigit() else getattr(m, part)  # "down_blocks.-1"
     modules = {name: functools.reduce(child, name.split("."), net) for name in layers}
     grid = lambda o: o if o.dim() == 4 else o.transpose(1, 2).unflatten(2, (math.isqrt(o.shape[1]),) * 2)
@@ -632,11 +663,10 @@ FEATURES = ("teacher", "mae", "latent", "dinov2")
 
 
 def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2=None, device="cpu", dtype=torch.float32):
-    """A feature map phi(latents, noise, cond) -> {key: (B, T, D)} for the generator model (load_generator): one of
-    FEATURES, or `module.path:function` (custom_code). noise (a unit draw like the latents) and cond (their prompt
-    conditioning rows) are passed to every map; the teacher uses them. layers (None: the model's default blocks) are
-    the teacher's. The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens."""
-    if name == "teacher":  # the frozen generator's own network: the UNet, or SANA's transformer
+    """A feature map phi(latents, noise, cond) -> {key: (B, T, D)} (its contract: drpo_step) for the generator model:
+    one of FEATURES or `module.path:function` (custom_code). layers: the teacher's blocks (None: the model's own).
+    The networks of `mae` and `dinov2` are ports in features/; their maps become mean/std tokens."""
+    if name == "teacher":  # the frozen generator's own network: the UNet or the transformer
         t, c_in, default, item = model.teacher
         return teacher_features(model.net, layers or default, t, c_in, item)
     if name == "latent":  # the latents themselves: an ablation the paper finds worse than the base model
@@ -738,6 +768,8 @@ REWARDS = {
     "vlm": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p),  # a VLM server ranks (OpenAI protocol)
     "vlm-rating": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p, mode="rating"),
 }
+
+
 # Weight files of the ported rewards: load_reward keyword (and --flag) -> what it is.
 REWARD_PATHS = {
     "hpsv3_ckpt": "HPSv3.safetensors (default: hub MizzenAI/HPSv3)",
@@ -899,8 +931,10 @@ def model_class(model):
     return path, name
 
 
-def load_pipeline(model, dtype=torch.float32):
-    """The pipeline class the folder names, every weight frozen: the LoRA is all that trains."""
+def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timesteps=None):
+    """--model as the loop sees a generator: the pipeline class the folder names, every weight frozen (the LoRA is all
+    that trains), with the fields of unet_generator (SD, SDXL) or of its family's file in generators/.
+    steps, timesteps: --inference-steps, --timesteps (None: the model's own, one step for the UNets)."""
     import diffusers
     path, name = model_class(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
@@ -911,15 +945,7 @@ def load_pipeline(model, dtype=torch.float32):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    return pipe
-
-
-def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timesteps=None):
-    """--model as the loop sees a generator: SD / SDXL here (unet_generator), other families from their file.
-    steps, timesteps: --inference-steps, --timesteps (None: the model's own, one step for the UNets)."""
-    pipe = load_pipeline(model, dtype).to(device)
-    family = FAMILIES.get(type(pipe).__name__)
-    return (beside(family).generator if family else unet_generator)(pipe, steps, timesteps)
+    return (beside(FAMILIES[name]).generator if name in FAMILIES else unet_generator)(pipe.to(device), steps, timesteps)
 
 
 def unet_generator(pipe, steps=None, timesteps=None):
@@ -949,25 +975,6 @@ def latent_shape(model, resolution=None):
     if resolution is None and type(model.pipe).__name__ == "StableDiffusionXLPipeline":
         side = min(side, TURBO_SIDE)
     return (model.net.config.in_channels, side // f, side // f)
-
-
-@torch.no_grad()
-def sample(model, prompts, noises):
-    """Samples of every prompt on every noise (prompt-major), LoRA as set: (latents, their conditioning)."""
-    cond = rows(model.conditioning(prompts, noises.shape[-1] * model.pipe.vae_scale_factor),
-                lambda v: v.repeat_interleave(len(noises), 0))
-    z = noises.repeat(len(prompts), *[1] * (noises.dim() - 1)).to(model.net.device, model.net.dtype)
-    return generate(model.net, z, cond, model.recipe), cond
-
-
-def sample_images(model, prompts, noises):
-    """sample() as PIL images."""
-    return to_pil(decode(model.pipe.vae, sample(model, prompts, noises)[0]))
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Plumbing: several processes, files, validation
-# ----------------------------------------------------------------------------------------
 
 
 def init_distributed():
@@ -1023,9 +1030,11 @@ def all_or_none(world):
             raise PeerFailed(f"process {first} failed")
 
 
-def all_reduce_update(params, log):
+def all_reduce_update(params, log, world):
     """Sum the LoRA gradients over the processes (one all-reduce: the LoRA is all that trains, so
     this is all DDP would do) and pool their logs, so every process holds the whole update."""
+    if world == 1:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
@@ -1047,7 +1056,6 @@ def stopwatch(device):
         now = time.perf_counter()
         times[name] = times.get(name, 0.0) + now - last[0]
         last[0], lap.last = now, name
-
     lap.last = None
     return times, lap
 
@@ -1119,17 +1127,6 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def image_grid(images, cols):
-    """Paste equally sized PIL images row by row into one image, cols per row."""
-    from PIL import Image
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * cols, h * math.ceil(len(images) / cols)))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates")
 CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
@@ -1159,6 +1156,7 @@ def start_or_resume(args, net, optimizer, rng, rank, world):
     """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume loads the LoRA,
     the optimizer and the loop's random state from the checkpoint and drops the metrics and snapshots after it."""
     out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
     step, order = 0, []
     if args.resume and ckpt_path.exists():
@@ -1211,23 +1209,6 @@ def save_checkpoint(out, model, optimizer, rng, step, order, card):
 def disk_full(out, step):
     return OSError(f"the disk is full: update {step} could not be saved in {out}. The last checkpoint, LoRA and "
                    f"snapshots there are intact; free some space and continue with --resume")
-
-
-def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
-    """One line of metrics.jsonl per update, and the progress bar's live statistics: what moves when
-    DrPO learns (the regression loss is mean(V^2) of a normalized field, nearly constant)."""
-    scores, pos, neg = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
-    ranked = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(), "pos_mean": pos.mean().item(),
-              "neg_mean": neg.mean().item(), "gap": (pos.mean() - neg.mean()).item()} if len(scores) else {
-              "gap": log["dist_neg"] - log["dist_pos"]}  # offline: rejected minus chosen distance
-    metrics = {"step": step, **ranked, **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-               "seconds": sum(times.values()), "phases_s": times}
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    bar.update(1)
-    shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
-             {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
-    bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", ref_dist=f"{metrics['dist_ref']:.4g}")
 
 
 def check_model(model, resolution=None, steps=None, timesteps=None, features=None, layers=None):
@@ -1354,6 +1335,36 @@ def check_args(args, world=1):
                              "in another --output-dir, or add --force if you mean to change them")
 
 
+def _check_sets(gen, pos, neg, radii, kernel):
+    """drift_field's inputs: three (B, set size, D) tensors of one B and D, none empty; positive radii; a kernel."""
+    for name, t in (("gen", gen), ("pos", pos), ("neg", neg)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be a (B, set size, D) tensor, got shape {tuple(t.shape)}")
+        if t.shape[0] != gen.shape[0] or t.shape[2] != gen.shape[2]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but gen has {tuple(gen.shape)}: "
+                             f"batch (dim 0) and feature size (dim 2) must match")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} is empty: the field needs at least one {name} vector per set")
+    if len(radii) == 0 or any(not (r > 0) for r in radii):
+        raise ValueError(f"radii must be a non-empty list of positive numbers, got {tuple(radii)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+
+
+def _check_scores(scores, n_pos, n_neg):
+    """select_pos_neg's input: (K,) or (B, K) finite scores, at least one positive and one negative, disjoint."""
+    if scores.dim() not in (1, 2):
+        raise ValueError(f"scores must have shape (K,) or (B, K), got {tuple(scores.shape)}")
+    if n_pos < 1 or n_neg < 1:
+        raise ValueError(f"n_pos={n_pos} and n_neg={n_neg} must both be at least 1")
+    if n_pos + n_neg > scores.shape[-1]:
+        raise ValueError(f"n_pos + n_neg = {n_pos + n_neg} exceeds the {scores.shape[-1]} candidates per prompt; "
+                         f"lower --n-pos/--n-neg or raise --candidates")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values; check the reward model "
+                         "(nothing is selected from invalid scores)")
+
+
 # ----------------------------------------------------------------------------------------
 # 5. Command line. Defaults are the published SD-Turbo setting but two: --features teacher (no extra download; the
 # paper's mae needs --mae-ckpt) and --grad-accum 8, the paper's per GPU (it ran 4 GPUs; one GPU: 32). docs/choices.md
@@ -1370,7 +1381,6 @@ def ints(text):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except where there is none to show."""
-
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
@@ -1379,13 +1389,11 @@ def build_parser():
     p = argparse.ArgumentParser(description="DrPO: finetune a one- or few-step text-to-image generator toward a reward "
                                 "that is only used to rank samples.", formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="sd-turbo", help="an alias (sd-turbo, sdxl-turbo, sana-sprint, flux-schnell, "
-                   "sd3.5-large-turbo), a hub id, a diffusers pipeline folder (SD, SDXL e.g. DMD2, SANA-Sprint, FLUX, "
-                   "SD3: docs/models.md), or tiny / tiny-sdxl / tiny-sana / tiny-flux / tiny-sd3 (offline demos)")
+    g.add_argument("--model", default="sd-turbo", help=f"an alias ({', '.join([*MODEL_ALIASES, *TINY_MODELS])}; tiny*: "
+                   "offline demos), a hub id, or a diffusers pipeline folder (docs/models.md)")
     g.add_argument("--resolution", type=int, help="image side in pixels (default: native; 512 for the Turbo models)")
     g.add_argument("--inference-steps", type=int, help="N: the generator's sampling steps, all trained through "
-                   "(default: the model's own: 1 for the UNets; the stock call's for FLUX and SD3, 4 for the "
-                   "flux-schnell and sd3.5-large-turbo aliases; SD/SDXL-Turbo 1-4, Lightning 2, 4, 8: docs/models.md)")
+                   "(default: 1 for the UNets; the stock call's for FLUX and SD3, 4 for their aliases; docs/models.md)")
     g.add_argument("--timesteps", "--timestep", type=ints, help="a UNet scheduler's timesteps, one per step (default: "
                    "the stock pipeline's for N steps; DMD2: 399, its 4-step UNet: 999,749,499,249)")
     g.add_argument("--grad-steps", type=int, help="backpropagate through the last K of the N steps only, the earlier "
@@ -1397,20 +1405,13 @@ def build_parser():
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
-    g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of the network's "
-                   "module names (the attention projections of the UNet or of SANA's transformer)")
-    g = p.add_argument_group("DrPO field (the four weights are what the paper calls the velocity scale)")
-    g.add_argument("--candidates", type=int, default=24, help="K: samples per prompt per step")
-    g.add_argument("--n-pos", type=int, default=8, help="top-ranked candidates used as positives")
-    g.add_argument("--n-neg", type=int, default=8, help="bottom-ranked candidates used as negatives")
-    g.add_argument("--pos-weight", type=float, default=3000.0, help="weight of each positive")
-    g.add_argument("--neg-weight", type=float, default=3000.0, help="weight of negatives")
-    g.add_argument("--ref-weight", type=float, default=3000.0, help="weight of the base samples (reference drift)")
-    g.add_argument("--ref-neg-weight", type=float, default=3000.0, help="weight of the samples as reference repellers")
-    g.add_argument("--lambda-ref", type=float, default=0.2, help="weight of the reference drift term")
-    g.add_argument("--radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the preference field")
-    g.add_argument("--ref-radii", type=floats, default=(0.02, 0.05, 0.2), help="kernel radii of the reference drift")
-    g.add_argument("--kernel", choices=KERNELS, default="laplacian", help="affinity kernel")
+    g.add_argument("--lora-targets", default="to_q,to_k,to_v,to_out.0", help="comma list of module names of the "
+                   "generator's network (the UNet or the transformer): by default its attention projections")
+    g = p.add_argument_group("the method (METHOD in drpo.py; the paper's values; the four weights are what the paper "
+                             "calls the velocity scale)")
+    kinds = {int: dict(type=int), float: dict(type=float), tuple: dict(type=floats), str: dict(choices=KERNELS)}
+    for name, (value, meaning) in METHOD.items():  # each default written once, in METHOD
+        g.add_argument("--" + name.replace("_", "-"), default=value, help=meaning, **kinds[type(value)])
     g = p.add_argument_group("reward")
     g.add_argument("--reward", help=f"{', '.join(REWARDS)}, `module:function`, http://HOST:PORT (a service), or a "
                    "weighted list like `hpsv3:1,pickscore:0.5` (docs/rewards.md); default: hpsv3, or none with --pairs")
@@ -1418,15 +1419,13 @@ def build_parser():
                    '"chosen", "rejected"} per line; chosen images attract, rejected repel (docs/pairs.md)')
     g.add_argument("--reward-batch", type=int, default=8, help="images per reward call (and per VAE decode)")
     g.add_argument("--reward-device", help="device of the reward model (default: the training device); `cuda:+N`: "
-                   "the GPU N after this process's own (docs/scaling.md); one copy for all processes: serve it "
-                   "(docs/rewards.md, \"Rewards on other machines\")")
+                   "the GPU N after this process's own (docs/scaling.md); one copy for all: serve it (docs/rewards.md)")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
-    g.add_argument("--features", default="teacher", help=f"feature map phi, {', '.join(FEATURES)} or `module:function` "
-                   "(docs/features.md): `teacher` = blocks of the frozen generator, no extra weights; `mae` reproduces "
-                   "the paper (needs --mae-ckpt; 4-channel latents only)")
+    g.add_argument("--features", default="teacher", help=f"feature map phi: {', '.join(FEATURES)} or `module:function` "
+                   "(docs/features.md); teacher: blocks of the frozen generator; mae, the paper's, needs --mae-ckpt")
     g.add_argument("--mae-ckpt", help="path of mae_latent_256_torch.pth for --features mae")
     g.add_argument("--teacher-layers", help="blocks for --features teacher (default: SD/SDXL down_blocks.-1,mid_block,"
                    "up_blocks.0; SANA-Sprint, FLUX, SD3: blocks at 1/4, 1/2, 3/4 depth)")
@@ -1453,19 +1452,18 @@ def build_parser():
     g.add_argument("--save-every", type=int, default=100, help="save the LoRA and a checkpoint every N steps")
     g.add_argument("--save-lora-every", type=int, default=100, help="keep the LoRA of every N-th update (and of the "
                    "last) in loras/step_N/, a folder to load or upload, with its model card")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
+                   "refused if a setting that shapes the run changed (docs/running.md)")
+    g.add_argument("--force", action="store_true", help="with --resume: continue anyway, recorded in config.json")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
     g = p.add_argument_group("held-out evaluation (docs/running.md, \"Watching a run\")")
     g.add_argument("--eval-every", type=int, help="every N updates, score fixed held-out (prompt, seed) images as "
-                   "eval.py does, the base at update 0, and keep the best update in loras/best; 0 = off (default: 25; "
-                   "off with --pairs unless --eval-reward is given)")
+                   "eval.py does (the base at update 0), best in loras/best; 0 = off (default: 25; with --pairs 0)")
     g.add_argument("--eval-prompts", metavar="FILE", help="held-out prompts, one per line (default: "
                    "prompts/heldout.txt, none of them a built-in training prompt)")
     g.add_argument("--eval-reward", help="rewards to watch, a --reward spec, each member logged as eval/NAME; the "
                    "first picks loras/best (default: the training reward, vlm-rating for vlm; required with --pairs)")
     g.add_argument("--eval-seeds", type=int, default=4, help="noises per held-out prompt: seeds 0 .. N-1, as eval.py's")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint; "
-                   "refused if a setting that shapes the run changed (docs/running.md)")
-    g.add_argument("--force", action="store_true", help="with --resume: continue anyway, recorded in config.json")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
     return p
 
 

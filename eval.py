@@ -159,7 +159,7 @@ def heldout_scores(model, prompts, noises, metrics, phi=None, each=None):
     noise). phi sees the clean samples (feature noise 0); each(i, images) is called with every prompt's images."""
     scores, spreads = {m: [] for m in metrics}, []
     for i, prompt in enumerate(prompts):
-        x, cond = drpo.sample(model, [prompt], noises)
+        x, cond = sample(model, [prompt], noises)
         images = drpo.to_pil(drpo.decode(model.pipe.vae, x))
         for m, fn in metrics.items():
             scores[m].append(fn(images, [prompt] * len(images)).double())
@@ -259,7 +259,10 @@ class Watch:
         return scores, None if mine[1] is None else joined(lambda sh: sh[1], 1)
 
     def __call__(self, step):
-        """Evaluate the LoRA of this update; True on rank 0 when it is the best so far (its snapshot then saved)."""
+        """Every --eval-every updates and at the last, evaluate the LoRA of this update; True on rank 0 when it is the
+        best so far (its snapshot then saved)."""
+        if step % self.args.eval_every and step != self.args.max_steps:
+            return False
         return self.log(step, self.score())
 
     def log(self, step, result):
@@ -341,6 +344,67 @@ def point_best(out, step):
         return link.unlink(missing_ok=True)
     os.symlink(f"step_{step:06d}", tmp)
     os.replace(tmp, link)
+
+
+def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
+    """drpo.py's metrics.jsonl line of an update, and the progress bar's live figures: those that move when DrPO
+    learns. The regression losses are mean(V^2) of fields normalized per radius, so they stay in a narrow band
+    whatever the reward does (docs/running.md)."""
+    scores, pos, neg = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
+    ranked = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(), "pos_mean": pos.mean().item(),
+              "neg_mean": neg.mean().item(), "gap": (pos.mean() - neg.mean()).item()} if len(scores) else {
+              "gap": log["dist_neg"] - log["dist_pos"]}  # offline: rejected minus chosen distance
+    metrics = {"step": step, **ranked, **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+               "seconds": sum(times.values()), "phases_s": times}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    bar.update(1)
+    shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
+             {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
+    bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", dist_ref=f"{metrics['dist_ref']:.4g}")
+
+
+def save_outputs(args, model, optimizer, rng, order, step, stop, saved, watch, prompts, amp):
+    """What drpo.py's rank 0 writes after an update: the LoRA snapshot (unless the held-out evaluation has just saved
+    it as the best), the sample grid, curves.png, and the checkpoint with the LoRA and its card (docs/running.md)."""
+    out, last = Path(args.output_dir), step == args.max_steps
+    heldout = watch and watch.last
+    if not saved and (step % args.save_lora_every == 0 or last or stop):
+        save_snapshot(out, model, args, step, heldout)
+    if args.sample_every and (step % args.sample_every == 0 or last):
+        noises = torch.randn((args.grid_noises, drpo.noise_draws(model.recipe), *drpo.latent_shape(
+            model, args.resolution)), generator=torch.Generator().manual_seed(args.seed + 1))
+        grid = image_grid(amp(sample_images)(model, prompts[:args.grid_prompts], noises), len(noises))
+        (out / "samples").mkdir(exist_ok=True)
+        drpo.atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+    if stop or last or (args.sample_every and step % args.sample_every == 0):
+        plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
+    if stop or step % args.save_every == 0 or last:
+        drpo.save_checkpoint(out, model, optimizer, rng, step, order, model_card(args, model, step, heldout, out))
+
+
+@torch.no_grad()
+def sample(model, prompts, noises):
+    """Samples of every prompt on every noise (prompt-major), LoRA as set: (latents, their conditioning)."""
+    cond = drpo.rows(model.conditioning(prompts, noises.shape[-1] * model.pipe.vae_scale_factor),
+                lambda v: v.repeat_interleave(len(noises), 0))
+    z = noises.repeat(len(prompts), *[1] * (noises.dim() - 1)).to(model.net.device, model.net.dtype)
+    return drpo.generate(model.net, z, cond, model.recipe), cond
+
+
+def sample_images(model, prompts, noises):
+    """sample() as PIL images."""
+    return drpo.to_pil(drpo.decode(model.pipe.vae, sample(model, prompts, noises)[0]))
+
+
+def image_grid(images, cols):
+    """Paste equally sized PIL images row by row into one image, cols per row."""
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * cols, h * math.ceil(len(images) / cols)))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
 
 
 def model_card(args, model, step, heldout, folder):
@@ -509,11 +573,13 @@ def plot_curves(runs, path):
         return
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.8))
     (train_ax, eval_ax, spread_ax), rest = axes
+    lasts = []
     for run in map(Path, runs):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         held = [r for r in rows if any(k.startswith("eval/") for k in r)]
         rows = [r for r in rows if r not in held]
         col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
+        lasts += rows[-1:]
         if "reward_mean" in col:
             mean, std = col["reward_mean"], col["reward_std"]
             train_ax.plot(col["step"], mean, label=run.name)
@@ -533,9 +599,12 @@ def plot_curves(runs, path):
                            label=f"{run.name}: held-out seeds")
         for ax, key in zip(rest, ("gap", "dist_ref", "grad_norm")):
             ax.plot(col.get("step", []), col.get(key, []))
-    for ax, title in zip(axes.flat, ("training reward, mean ± std (pairs: distances)", "held-out scores (update 0: "
-                                     "the base)", "diversity: feature spread of a prompt's samples",
-                                     "gap (pairs: rejected − chosen)", "feature distance to the base samples",
+    kinds = {"reward_mean" in r or "dist_pos" not in r for r in lasts}  # True: a reward run, False: --pairs
+    pick = lambda reward, pairs: " / ".join(t for t, k in ((reward, True), (pairs, False)) if k in kinds)
+    ranked = pick("training reward, mean ± std", "distance to chosen / rejected")
+    gap = pick("positives − negatives", "rejected − chosen distance")
+    for ax, title in zip(axes.flat, (ranked, "held-out scores (update 0: the base)", "diversity: feature spread of a "
+                                     "prompt's samples", f"gap: {gap}", "feature distance to the base samples",
                                      "gradient norm (before clipping)")):
         ax.set(title=title, xlabel="update")
     for ax in (train_ax, eval_ax, spread_ax):
@@ -547,10 +616,10 @@ def plot_curves(runs, path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Compare a base one-step generator with DrPO LoRAs on held-out prompts.",
-                                formatter_class=drpo.HelpFormatter)
-    p.add_argument("--model", help="`sd-turbo`, `sdxl-turbo`, `sana-sprint`, a hub id, a local diffusers pipeline "
-                   "folder, or `tiny` / `tiny-sdxl` / `tiny-sana` (default: the --lora runs' model, else sd-turbo)")
+    p = argparse.ArgumentParser(description="Compare a base one- or few-step generator with DrPO LoRAs on held-out "
+                                "prompts.", formatter_class=drpo.HelpFormatter)
+    p.add_argument("--model", help=f"an alias ({', '.join([*drpo.MODEL_ALIASES, *drpo.TINY_MODELS])}), a hub id or "
+                   "a diffusers pipeline folder (default: the --lora runs' model, else sd-turbo)")
     p.add_argument("--lora", action="append", default=[], help="a drpo.py --output-dir, one of its loras/step_N or "
                    "loras/best, or any diffusers-format LoRA folder; repeat to compare several; labelled by folder "
                    "name. A run's --model, --inference-steps, --timesteps and --resolution are used unless given")
@@ -725,7 +794,7 @@ def evaluate(args):
                 for j, s in enumerate(seeds):
                     w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
     grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
-    drpo.image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
+    image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
     if args.snapshots and rewards:
         plot_steps(summary, out / "steps.png")
     tables = [markdown_table(summary) if rewards else None, tasks_table(results["geneval"]) if args.geneval else None,

@@ -400,8 +400,8 @@ def test_tiny_sdxl_is_a_stock_sdxl_pipeline_with_the_turbo_scheduler(tiny_sdxl):
 
 def test_pipeline_class_comes_from_the_folder_not_the_name(tiny, tiny_sdxl, tmp_path, capsys):
     shutil.copytree(tiny_sdxl, tmp_path / "sd-turbo")  # an SDXL folder with an SD-sounding name
-    assert type(drpo.load_pipeline(str(tmp_path / "sd-turbo"))).__name__ == "StableDiffusionXLPipeline"
-    assert type(drpo.load_pipeline(tiny)).__name__ == "StableDiffusionPipeline"
+    assert type(drpo.load_generator(str(tmp_path / "sd-turbo")).pipe).__name__ == "StableDiffusionXLPipeline"
+    assert type(drpo.load_generator(tiny).pipe).__name__ == "StableDiffusionPipeline"
     index = json.loads((tmp_path / "sd-turbo" / "model_index.json").read_text())
     (tmp_path / "sd-turbo" / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError, match="is a KandinskyPipeline"):
@@ -535,7 +535,7 @@ def test_few_step_sampler_equals_the_stock_pipeline_on_each_seed(request, tmp_pa
     pipe = pipeline(folder)
     for seed in (0, 7):
         noises = ev.seed_noises(model, 128, [seed])
-        x = drpo.sample(model, ["a red fox"], noises)[0]
+        x = ev.sample(model, ["a red fox"], noises)[0]
         ref = pipe("a red fox", generator=torch.Generator().manual_seed(seed), height=128, width=128,
                    output_type="latent", **stock_call(kind)).images
         torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -543,7 +543,7 @@ def test_few_step_sampler_equals_the_stock_pipeline_on_each_seed(request, tmp_pa
     if fresh:
         other = noises.clone()
         other[:, 1:] = torch.randn_like(other[:, 1:])
-        assert (drpo.sample(model, ["a red fox"], other)[0] - x).abs().max() > 1e-2 * x.abs().max()
+        assert (ev.sample(model, ["a red fox"], other)[0] - x).abs().max() > 1e-2 * x.abs().max()
 
 
 def test_a_four_step_dmd2_lora_trains_loads_into_the_stock_pipeline_and_evaluates(request, tmp_path):
@@ -558,7 +558,7 @@ def test_a_four_step_dmd2_lora_trains_loads_into_the_stock_pipeline_and_evaluate
     mine = lora_generator(folder, tmp_path / "run", timestep=None)
     mine.recipe = drpo.step_recipe(mine.pipe.scheduler, timesteps=(999, 749, 499, 249))
     noises = ev.seed_noises(mine, 128, [3])
-    x = drpo.sample(mine, ["a snowy owl"], noises)[0]
+    x = ev.sample(mine, ["a snowy owl"], noises)[0]
     kw = dict(generator=torch.Generator().manual_seed(3), height=128, width=128, output_type="latent",
               **stock_call("dmd2-4"))
     ref = pipeline(folder, tmp_path / "run")("a snowy owl", **kw).images
@@ -594,7 +594,7 @@ def test_flow_transformers_equal_the_stock_pipeline_on_each_seed(request, arch, 
     call = {k: v for k, v in model.stock_call.items() if steps or k == "guidance_scale"}  # else the stock defaults
     pipe = pipeline(folder)
     for seed in (0, 7):
-        x = drpo.sample(model, ["a red fox"], ev.seed_noises(model, 128, [seed]))[0]
+        x = ev.sample(model, ["a red fox"], ev.seed_noises(model, 128, [seed]))[0]
         ref = stock_latents(pipe, "a red fox", seed, 128, **call)
         torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     image = pipe("a red fox", generator=torch.Generator().manual_seed(7), height=128, width=128, output_type="pt",
@@ -610,7 +610,7 @@ def test_the_aliases_bring_their_model_cards_settings_and_a_plain_folder_the_sto
     folder = request.getfixturevalue(FLOW_FAMILIES[arch])
     plain = drpo.load_generator(folder)
     assert plain.stock_call == {**card, "num_inference_steps": 28, "max_sequence_length": 512 if arch == "flux" else 256}
-    pipe = drpo.load_pipeline(folder)
+    pipe = drpo.load_generator(folder).pipe
     pipe.register_to_config(_name_or_path=drpo.MODEL_ALIASES[alias])  # as from_pretrained of the hub id sets it
     model = drpo.beside(f"generators.{arch}").generator(pipe)
     assert model.stock_call == card and len(model.recipe) == 4
@@ -634,7 +634,7 @@ def test_a_flow_transformer_lora_trains_loads_into_the_stock_pipeline_and_evalua
     mine = drpo.load_generator(folder, steps=4)
     drpo.add_lora(mine.net, 16, 16, ["to_q", "to_k", "to_v", "to_out.0"])
     set_peft_model_state_dict(mine.net, torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["lora"])
-    x = drpo.sample(mine, ["a snowy owl"], ev.seed_noises(mine, 128, [3]))[0]
+    x = ev.sample(mine, ["a snowy owl"], ev.seed_noises(mine, 128, [3]))[0]
     ref = stock_latents(pipeline(folder, tmp_path / "run"), "a snowy owl", 3, 128, **mine.stock_call)
     base = stock_latents(pipeline(folder), "a snowy owl", 3, 128, **mine.stock_call)
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -680,7 +680,7 @@ def test_flow_teacher_features_are_the_stock_blocks_image_tokens_at_sigma_one_el
 
 def test_flow_settings_that_do_not_fit_are_refused_before_loading(tiny_flux, tiny_sd3, tmp_path, capsys,
                                                                    monkeypatch):
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
     dev = with_scheduler(tiny_flux, tmp_path / "dev", "FlowMatchEulerDiscreteScheduler", use_dynamic_shifting=True)
     MAE = str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")
     for folder, flags, said in [
@@ -729,7 +729,7 @@ def test_grad_steps_backpropagate_through_the_last_steps_only(tiny_sdxl):
 
 
 def test_families_without_a_generator_are_refused_with_the_supported_ones(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
     sana = tmp_path / "sana"
     sana.mkdir()
     (sana / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))  # SANA, not Sprint
@@ -1170,7 +1170,7 @@ def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypa
     assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v1" and len(built) == 1
     assert drpo.resolve_model("tiny") == path and len(built) == 1  # reused, not rebuilt
     assert sorted(p.name for p in (tmp_path / "cache" / "drpo").iterdir()) == ["tiny-sd-v1"]  # no leftovers
-    pipe = drpo.load_pipeline("tiny")
+    pipe = drpo.load_generator("tiny").pipe
     assert tuple(pipe.unet.config.block_out_channels) == (32, 64)  # the tiny UNet, through the SD loading code
 
 
@@ -1314,15 +1314,15 @@ def test_resume_refuses_changed_settings_before_loading_and_force_records_them(t
     out = tmp_path / "run"
     assert run(tiny, out, "--max-steps", "1", "--sample-every", "0") == 0
     capsys.readouterr()
-    real = drpo.load_pipeline
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    real = drpo.load_generator
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model"))
     assert drpo.main(["--model", tiny, "--reward", "brightness", "--output-dir", str(out), "--candidates", "12",
                       "--n-pos", "3", "--n-neg", "3", "--grad-accum", "2", "--lr", "1e-3", "--seed", "0",
                       "--max-steps", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "candidates: 8 -> 12" in err and "--force" in err
     assert "max_steps" not in err  # settings that do not shape the run may change
-    monkeypatch.setattr(drpo, "load_pipeline", real)
+    monkeypatch.setattr(drpo, "load_generator", real)
     # 2 processes x accumulation 1 = 1 x 2: the same run; accumulation 4 is not
     assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--grad-accum", "4", "--resume") == 2
     assert "grad_accum x world size: 2 -> 4" in capsys.readouterr().err
@@ -1500,7 +1500,7 @@ def test_bad_pairs_files_are_refused_before_training_naming_file_and_line(tiny, 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     if lines is not None:
         (tmp_path / "p.jsonl").write_text("".join(line + "\n" for line in lines))
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before checking --pairs"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model before checking --pairs"))
     argv = ["--model", tiny, "--pairs", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "o"),
             "--candidates", "4", "--n-pos", "1", "--n-neg", "1", "--max-steps", "1"]
     assert drpo.main(argv) == 2
@@ -2011,7 +2011,7 @@ def test_eval_geneval_runs_end_to_end_on_a_tiny_detector_and_clip(trained, tiny_
          - sum(int(r["correct"]) for r in rows if r["model"] == "base")) / 6)
     # the verdicts are those of decide on the detector's output for exactly these images
     model = drpo.load_generator(tiny)
-    images = drpo.sample_images(model, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
+    images = ev.sample_images(model, [GENEVAL_ROWS[0]["prompt"]], torch.cat(
         [torch.randn((1, *drpo.latent_shape(model)), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]))
     detect = geneval.load_detector("cpu", tmp_path / "det", tiny_clip)
     verdicts = [geneval.decide(GENEVAL_ROWS[0], d) for d in detect(images, [GENEVAL_ROWS[0]] * 2)]
@@ -2276,10 +2276,10 @@ def test_eval_py_samples_as_the_run_trained_and_refuses_a_contradicting_flag(tin
     ns = {}
     exec(code.replace('"a photo of a cat"', '"a snowy owl"'), ns)
     mine = lora_generator(model, tmp_path / "run", timestep=399)
-    got = np.asarray(drpo.sample_images(mine, ["a snowy owl"], z)[0], dtype=np.float64)
+    got = np.asarray(ev.sample_images(mine, ["a snowy owl"], z)[0], dtype=np.float64)
     assert np.abs(np.asarray(ns["image"], dtype=np.float64) - got).max() <= 1
     # a flag that contradicts the run is refused, naming both values, before anything loads
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model first"))
     assert ev.main(base + ["--timestep", "999", "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
     assert "--timesteps 999" in err and "399" in err and "--override" in err and not (tmp_path / "no").exists()
@@ -2313,7 +2313,7 @@ def test_eval_py_checks_the_lora_shapes_before_any_model_loads(tiny, tiny_sdxl, 
     import eval as ev
 
     assert run(tiny_sdxl, tmp_path / "xl", "--max-steps", "1", "--sample-every", "0") == 0
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before checking --lora"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model before checking --lora"))
     monkeypatch.setattr(drpo, "load_reward", lambda *a, **k: pytest.fail("loaded a reward before checking --lora"))
     (tmp_path / "p.txt").write_text("a cat\n")
     assert ev.main(["--model", tiny, "--override", "--lora", str(tmp_path / "xl"), "--prompts",
@@ -2847,7 +2847,7 @@ def no_model_loads(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    for name in ("load_pipeline", "load_generator", "load_reward", "teacher_features"):
+    for name in ("load_generator", "load_reward", "teacher_features"):
         monkeypatch.setattr(drpo, name, loaded)
     monkeypatch.setattr(tiny_model, "make_tiny", loaded)
     monkeypatch.setattr(drpo.beside("features.mae"), "mae_encoder", loaded)
@@ -2981,7 +2981,7 @@ def test_an_error_in_the_users_code_keeps_its_traceback_and_one_in_the_input_is_
 
 
 def test_train_called_from_python_checks_its_settings_first(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(drpo, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model before the check"))
     with pytest.raises(ValueError, match="--lora-targets: 'to_zz' names no Linear"):
         drpo.train(drpo.build_parser().parse_args(["--model", tiny, "--lora-targets", "to_zz",
                                                    "--output-dir", str(tmp_path / "x")]))
