@@ -2575,7 +2575,12 @@ def test_toy2d_moves_toward_the_reward_and_lambda_ref_holds_it_near_the_base(tmp
     held, _ = toy2d.train(60, lambda_ref=3.0)
     first, last = sum(free["reward"][:10]) / 10, sum(free["reward"][-10:]) / 10
     assert last > first + 0.3  # the cloud reached the ring (mean reward -0.81 -> -0.24 measured)
-    assert held["ref_dist"][-1] < 0.5 * free["ref_dist"][-1]  # a larger lambda_ref keeps it closer to the base
+    assert held["dist_ref"][-1] < 0.5 * free["dist_ref"][-1]  # a larger lambda_ref keeps it closer to the base
+    # what the picture shows: without the reference drift the samples collapse onto one point; with it they stay
+    # apart (mean pairwise distance at step 199, measured: 0.04 at lambda_ref 0, 0.20 at 0.5, 0.83 at step 0)
+    spread = lambda snaps: torch.pdist(snaps[-1][1]).mean().item()
+    (_, none), (_, some) = toy2d.train(200, lambda_ref=0.0, frames=2), toy2d.train(200, lambda_ref=0.5, frames=2)
+    assert spread(none) < 0.1 * torch.pdist(none[0][1]).mean().item() and spread(some) > 3 * spread(none)
     toy2d.main(["--out", str(tmp_path), "--steps", "12", "--frames", "3"])
     from PIL import Image
 
@@ -2583,6 +2588,21 @@ def test_toy2d_moves_toward_the_reward_and_lambda_ref_holds_it_near_the_base(tmp
         assert gif.n_frames == 3
     with Image.open(tmp_path / "toy2d.png") as png:
         assert png.width > png.height > 100
+
+
+def test_the_readme_trainer_runs_as_printed_learns_and_collapses_without_the_reference_term(capsys):
+    code = docs_block("README.md", "## The field in your own trainer")
+    with torch.random.fork_rng():
+        exec(code, {})  # exactly as printed
+        base, tuned = map(float, re.search(r"mean reward (\S+) \(base\) -> (\S+)", capsys.readouterr().out).groups())
+        assert tuned > base + 0.1  # measured: -0.89 -> -0.73
+        # the README's line on lambda_ref: without the reference term the samples end on one point of the circle
+        # (mean pairwise distance measured 0.12, the base's 1.82)
+        ns = {}
+        exec(code.replace("drpo_objective(gen, pos, neg, ref)", "drpo_objective(gen, pos, neg, ref, lambda_ref=0.0)"), ns)
+        z = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.pdist(ns["G"](z)).mean() < 0.2 * torch.pdist(ns["G0"](z)).mean()
 
 
 def test_curves_are_drawn_for_a_run_and_for_several_runs(tiny, tmp_path, capsys):
