@@ -66,19 +66,22 @@ def make_server(port, answer=None, invalid_first=0, fail_first=0, latency=0.0, f
                 n, state["authorization"] = state["requests"], self.headers.get("Authorization")
                 state["in_flight"] += 1
                 state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
-            try:
+            try:  # in flight until the answer is ready: a client that has it may send its next request at once
                 time.sleep(latency)
                 if n <= fail_first or fail_after is not None and n > fail_after:
-                    return self.reply(503, {"error": {"message": "scripted: busy", "type": "server_error"}})
-                text = ("not json" if n <= fail_first + invalid_first else
-                        answer if answer is not None else rule(request["messages"][-1]["content"]))
-                self.reply(200, {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
-                                 "model": request["model"], "choices": [{"index": 0, "finish_reason": "stop", "message":
-                                 {"role": "assistant", "content": text}}],
-                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                    status, answer_body = 503, {"error": {"message": "scripted: busy", "type": "server_error"}}
+                else:
+                    text = ("not json" if n <= fail_first + invalid_first else
+                            answer if answer is not None else rule(request["messages"][-1]["content"]))
+                    status, answer_body = 200, {
+                        "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+                        "model": request["model"], "choices": [{"index": 0, "finish_reason": "stop", "message":
+                                                                {"role": "assistant", "content": text}}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
             finally:
                 with lock:
                     state["in_flight"] -= 1
+            self.reply(status, answer_body)
 
     class Server(ThreadingHTTPServer):
         request_queue_size = 128  # the default backlog, 5, makes a 6th client connecting at once wait a second
