@@ -25,14 +25,14 @@ beside this file in rewards/, features/ and generators/, one file each); 4. plum
 
 import argparse
 import contextlib
-import errno
 import functools
+import hashlib
 import importlib
 import io
 import json
 import math
 import os
-import shutil
+import re
 import signal
 import sys
 import time
@@ -356,8 +356,10 @@ def train(args, stop_asked=()):
 
     # Setup: every setting is checked before any model loads; an error in any process stops them all.
     rank, world, local_rank = init_distributed()  # one process, or one of `world` under torchrun (docs/scaling.md)
+    folder = beside("run_folder")  # the run folder: one owner, whole saves, resume, what each update writes
     with all_or_none(world):
         check_args(args, world)
+        lock = folder.own(args.output_dir) if rank == 0 else None  # the folder is this run's while lock is open
     device, dtype = run_device(args.device, args.precision, local_rank)
     amp = lambda fn: torch.autocast(device.type, dtype, enabled=dtype != torch.float32)(fn)  # fn's passes in dtype
     with all_or_none(world):
@@ -377,40 +379,59 @@ def train(args, stop_asked=()):
                                   weight_decay=args.weight_decay)
     field = {name: getattr(args, name) for name in FIELD}
     rng = torch.Generator().manual_seed(args.seed)  # all randomness of the loop: prompt order and noises
-    step, order = start_or_resume(args, model.net, optimizer, rng, rank, world)
-    outputs = beside("eval")  # what a run writes and eval.py reads back: metrics, held-out scores, snapshots, grids
-    watch = args.eval_every and outputs.Watch(args, model, phi, reward, step, rank, world)  # held-out evaluation
+    step, order = folder.start_or_resume(args, model, optimizer, rng, rank, world)
+    watch = args.eval_every and beside("eval").Watch(args, model, phi, reward, step, rank, world, stop_asked)
     n_micro, side = args.grad_accum * world, latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
 
     stop = False
-    while step < args.max_steps and not stop:
-        times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
-        log = {}  # the update's figures, summed over its micro-steps (add_to_log)
-        with all_or_none(world), explain_out_of_memory(lap, device, args.output_dir):
-            for micro in range(n_micro):  # micro-steps of all processes (n_micro = grad_accum x world)
-                batch, z, feat_noise, anchor_noise = draw(rng, order, prompts, args, model, device, dtype)
-                if micro % world != rank:  # another process's micro-step: drawn anyway, so all stay in step
-                    continue
-                out = drpo_step(G, G0, phi, functools.partial(ranker, batch, anchor_noise, lap),
-                                model.conditioning(batch, side), z, feat_noise, field, args.grad_chunk, n_micro, lap)
-                add_to_log(log, *out, args.candidates, n_micro)
-        log |= {**ranker.counts(), "stop": float(len(stop_asked) > 0)}  # summed over the processes with the rest
-        all_reduce_update(params, log, world)  # one process's share of the update -> all of it, on every process
-        stop = log.pop("stop") > 0  # a signal to any process stops every process after this same update
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # before clipping
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lap("optimizer")
-        step += 1
-        if rank == 0:
-            outputs.write_metrics(Path(args.output_dir), step, log, grad_norm, optimizer, times, bar)
-        best = watch and watch(step)  # when due: held-out scores; True if the best so far (its snapshot saved)
-        if rank == 0:  # one writer
-            outputs.save_outputs(args, model, optimizer, rng, order, step, stop, best, watch, prompts, amp)
+    try:  # the bar and the folder's lock are released however the loop ends
+        while step < args.max_steps:
+            times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
+            log, start = {}, (rng.get_state(), list(order))  # the update's figures (add_to_log); where it starts
+            for first in range(0, n_micro, world):  # grad_accum rounds of micro-steps, one per process side by side
+                if stop := any_process(stop_asked, world):  # a signal: drop this update, save the last whole one
+                    break
+                with all_or_none(world), explain_out_of_memory(lap, device, args.output_dir):  # an error stops all
+                    for micro in range(first, first + world):
+                        batch, z, feat_noise, anchor_noise = draw(rng, order, prompts, args, model, device, dtype)
+                        if micro % world == rank:  # this process's; the others' are drawn too, so all stay in step
+                            out = drpo_step(G, G0, phi, functools.partial(ranker, batch, anchor_noise, lap),
+                                            model.conditioning(batch, side), z, feat_noise, field, args.grad_chunk,
+                                            n_micro, lap)
+                            add_to_log(log, *out, args.candidates, n_micro)
+            if stop:  # back to the update's start: a resumed run redoes it, as the uninterrupted run does
+                rng.set_state(start[0])
+                order[:] = start[1]
+                optimizer.zero_grad(set_to_none=True)
+                if rank == 0:
+                    folder.save_outputs(args, model, optimizer, rng, order, step, stop, False, watch, prompts, amp)
+                break
+            log |= ranker.counts()  # a VLM's requests
+            all_reduce_update(params, log, world)  # one process's share of the update -> all of it, on every process
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # before clipping
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with all_or_none(world):  # nothing non-finite is written: a NaN stops the run here, before any save
+                check_update(log, grad_norm, params, step + 1, args.output_dir)
+            lap("optimizer")
+            step += 1
+            if rank == 0:
+                folder.write_metrics(Path(args.output_dir), step, log, grad_norm, optimizer, times, bar)
+            try:
+                best = watch and watch(step)  # when due: held-out scores; True if the best so far (its snapshot saved)
+            except Stopped:  # a signal cut the evaluation short: --resume evaluates this update first
+                best, stop = False, True
+            if rank == 0:  # one writer
+                folder.save_outputs(args, model, optimizer, rng, order, step, stop, best, watch, prompts, amp)
+            if stop:
+                break
         if stop and world > 1:
             dist.barrier()  # rank 0 has saved before any process leaves
-    bar.close()
+    finally:
+        bar.close()
+        if lock:
+            lock.close()  # the folder is free for another run
     signum = (stop_asked or [signal.SIGTERM])[0] if stop else None
     if signum and rank == 0:
         print(f"\nstopped by {signal.Signals(signum).name} after update {step}; the LoRA and a checkpoint of that "
@@ -479,6 +500,24 @@ def add_to_log(log, stats, ranking, gen, K, n_micro):
     stats["spread_candidates"] = spread(samples, K).mean().item()
     for k in STATS:
         log[k] = log.get(k, 0.0) + stats[k] / n_micro
+
+
+def check_update(log, grad_norm, params, step, out):
+    """Stop the run at an update whose field (the preference or the reference term's), gradient or new LoRA weights
+    hold NaN or infinity, before anything of it is written: the last checkpoint and its LoRA stay as they were. One
+    bad micro-step stops the run (none is skipped): the cause is rarely one that goes away by itself."""
+    terms = [term for term, key in (("preference", "loss_pref"), ("reference", "loss_ref"))
+             if not math.isfinite(log[key])]
+    if terms:
+        cause = f"the {' and the '.join(terms)} term's field is NaN or infinite: the features are (the feature map?)"
+    elif not torch.isfinite(grad_norm):
+        cause = "the gradient is NaN or infinite (the feature map's backward, or a LoRA already far out of range)"
+    elif not all(torch.isfinite(p).all() for p in params):
+        cause = "the optimizer step made LoRA weights NaN or infinite: --lr is far too large"
+    else:
+        return
+    raise ValueError(f"update {step}: {cause}. Nothing of that update was saved; the last checkpoint and LoRA in {out}"
+                     f" are as they were (after a fix: --resume)")
 
 
 def spread(feats, n):
@@ -683,9 +722,31 @@ def load_features(name, model=None, *, layers=None, mae_ckpt=None, dinov2=None, 
             return {"dinov2_cls": cls, **map_stats(grid, "dinov2")}
         return phi
     if ":" in name:
-        return custom_code(name, "--features")(device, dtype)
+        return checked_features(custom_code(name, "--features")(device, dtype), f"--features {name}")
     raise ValueError(f"--features {name}: unknown feature map; choose one of {', '.join(FEATURES)}, or "
                      f"`module.path:function` for your own (docs/features.md)")
+
+
+def checked_features(phi, flag):
+    """The user's feature map, its result checked on every call against its contract (drpo_step's docstring): a
+    non-empty dict of finite (n, T, D) tensors, n the latents', that carry the latents' gradient when they have one."""
+    def checked(latents, noise, cond):
+        feats, problem = phi(latents, noise, cond), None
+        if not isinstance(feats, dict) or not feats:
+            problem = "an empty dict" if isinstance(feats, dict) else f"a {type(feats).__name__}"
+        for key, f in feats.items() if not problem else ():
+            if not (torch.is_tensor(f) and f.dim() == 3 and len(f) == len(latents)):
+                problem = f"{key!r} of shape {tuple(getattr(f, 'shape', ()))} for {len(latents)} latents"
+            elif not torch.isfinite(f).all():
+                problem = f"{key!r} with NaN or infinite values"
+        if not problem and latents.requires_grad and torch.is_grad_enabled() and not any(
+                f.requires_grad for f in feats.values()):
+            problem = "features without the latents' gradient (detached?)"
+        if problem:
+            raise ValueError(f"{flag} returned {problem}; a feature map returns {{key: (n, T, D) tensor}} computed "
+                             f"from the n latents, with their gradient (docs/features.md)")
+        return feats
+    return checked
 
 
 class UserCodeError(RuntimeError):
@@ -800,8 +861,11 @@ def parse_reward_spec(spec):
     for member in filter(None, (m.strip() for m in spec.split(","))):
         name, weight = member, 1.0
         head, _, tail = member.rpartition(":")
-        with contextlib.suppress(ValueError):  # NAME:WEIGHT, unless the tail is a function name or a URL's port
-            name, weight = (head or member, float(tail)) if "//" not in head or head.count(":") > 1 else (name, 1.0)
+        number = re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail)
+        if head and (number or head in REWARDS) and not ("//" in head and head.count(":") == 1):  # not a URL's port
+            name, weight = head, float(tail) if number else math.nan  # NAME:WEIGHT; a known name takes only numbers
+            if not math.isfinite(weight) or weight == 0:
+                raise ValueError(f"--reward {member}: a weight is a finite number other than 0, got {tail}")
         if name in REWARDS:
             parsed.append((name, REWARDS[name], weight))
         elif name.startswith(("http://", "https://")):  # a reward service, `python -m rewards.serve`
@@ -834,8 +898,7 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
         if len(images) != len(prompts):
             raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
         n = getattr(fn, "batch_size", batch_size) or len(images)  # served: None, the whole call in one request
-        s = torch.cat([torch.as_tensor(fn(images[i:i + n], prompts[i:i + n]), dtype=torch.float32).detach().cpu()
-                       .flatten() for i in range(0, len(images), n)])
+        s = torch.cat([as_scores(name, fn(images[i:i + n], prompts[i:i + n])) for i in range(0, len(images), n)])
         if s.numel() != len(images):
             raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
                              f"one float per image")
@@ -844,14 +907,26 @@ def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
                              f"(training stops rather than rank on invalid scores)")
         return s
 
-    def combine(scores):  # each member's scores of the same images -> the reward
-        return scores[0] if len(scores) == 1 else sum(
+    def combine(scores):  # each member's scores of the same images -> the reward (one member: its scores x weight)
+        return fns[0][2] * scores[0] if len(scores) == 1 else sum(
             w * (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-8) for (_, _, w), s in zip(fns, scores))
 
     reward = lambda images, prompts: combine([score(name, fn, images, prompts) for name, fn, _ in fns])
     reward.combine, reward.members = combine, {name: functools.partial(score, name, fn) for name, fn, _ in fns}
     reward.counts = lambda: {k: v for _, fn, _ in fns for k, v in getattr(fn, "counts", dict)().items()}  # a VLM's
     return reward
+
+
+def as_scores(name, out):
+    """What a reward returned, as float32 scores; anything else is a one-line error that names the reward."""
+    try:
+        s = torch.as_tensor(out, dtype=torch.float64).detach().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"--reward {name} returned {type(out).__name__}; a reward returns one float per image, as a "
+                         f"list or a 1-D tensor") from None
+    if torch.isfinite(s).all() and not torch.isfinite(s.float()).all():
+        raise ValueError(f"--reward {name} returned scores up to {s.abs().max():.3g}, beyond float32; rescale them")
+    return s.float()
 
 
 def add_lora(net, rank, alpha, targets):
@@ -873,11 +948,19 @@ def lora_state(net):
 
 def save_lora(model, out_dir, card):
     """pytorch_lora_weights.safetensors in diffusers format, written by the pipeline class's own
-    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (every family); and its model card README.md."""
+    save_lora_weights: `pipe.load_lora_weights(out_dir)` reads it (every family); and its model card README.md.
+    Both are written aside and renamed into place, readable as the run's other files (safetensors makes them 0600)."""
     from diffusers.utils import convert_state_dict_to_diffusers
-    type(model.pipe).save_lora_weights(out_dir, **{f"{model.name}_lora_layers": convert_state_dict_to_diffusers(
+    tmp, umask = Path(out_dir) / ".saving-lora", os.umask(0)
+    os.umask(umask)
+    tmp.mkdir(exist_ok=True)
+    type(model.pipe).save_lora_weights(tmp, **{f"{model.name}_lora_layers": convert_state_dict_to_diffusers(
         lora_state(model.net)), f"{model.name}_lora_adapter_metadata": model.net.peft_config["default"].to_dict()})
-    (Path(out_dir) / "README.md").write_text(card)
+    (tmp / "README.md").write_text(card)
+    for name in ("pytorch_lora_weights.safetensors", "README.md"):
+        os.chmod(tmp / name, 0o666 & ~umask)
+        os.replace(tmp / name, Path(out_dir) / name)
+    tmp.rmdir()
 
 
 MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/sdxl-turbo",
@@ -1008,6 +1091,10 @@ class PeerFailed(RuntimeError):
     """Another process of the job failed and reported it; this one stops quietly."""
 
 
+class Stopped(Exception):
+    """A stop signal cut a held-out evaluation short: the run saves its last update and stops."""
+
+
 @contextlib.contextmanager
 def all_or_none(world):
     """Run a block on every process; if any raises, all raise at its end (one small all-reduce), so none
@@ -1019,15 +1106,26 @@ def all_or_none(world):
         if world == 1:
             raise
         error = e
-    if world > 1:
+    if world > 1:  # 1: an error, 2: a stop (Stopped); an error wins
         failed = torch.zeros(world, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        failed[dist.get_rank()] = error is not None
+        failed[dist.get_rank()] = 0 if error is None else 2 if isinstance(error, Stopped) else 1
         dist.all_reduce(failed)
-        if failed.any():
-            first = int(failed.nonzero()[0])
+        if (failed == 1).any():
+            first = int((failed == 1).nonzero()[0])
             if dist.get_rank() == first:
                 raise error
             raise PeerFailed(f"process {first} failed")
+        if failed.any():
+            raise Stopped("a stop signal during the held-out evaluation")
+
+
+def any_process(asked, world):
+    """Whether any process has been asked to stop (a signal in its list): one all-reduce, so all act on it at once."""
+    if world == 1:
+        return bool(asked)
+    flag = torch.tensor([float(bool(asked))], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
 def all_reduce_update(params, log, world):
@@ -1115,6 +1213,9 @@ def read_prompts(path, flag="--prompts"):
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{flag} {path}: every line of a .jsonl file must be an object with a \"prompt\" "
                              f"({e!r})") from e
+    bad = next((n for n, p in enumerate(prompts, 1) if not (isinstance(p, str) and p.strip())), None)
+    if bad:
+        raise ValueError(f"{flag} {path}: prompt {bad} is {prompts[bad - 1]!r}; every prompt is a non-empty string")
     if not prompts:
         raise ValueError(f"{flag} {path} has no prompts; write one prompt per line")
     return prompts
@@ -1125,90 +1226,6 @@ def atomic_write(path, write):
     tmp = Path(f"{path}.tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
-# Settings that may change on --resume: they do not change what the run computes.
-RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
-               "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
-               "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
-               "forced_changes", *REWARD_PATHS, "reward_url", "reward_api_key_env", "reward_concurrency",
-               "reward_timeout", "reward_retry"}  # a served reward's address and patience
-
-
-def load_checkpoint(path):
-    """checkpoint.pt as plain tensors, numbers and lists (weights_only: nothing in the file is run)."""
-    prev = path.with_name("checkpoint.prev.pt")
-    fix = (f"If its last save was cut off, resume from the one before: `mv {prev} {path}`; or start over with "
-           f"--overwrite" if prev.is_file() else "Start over with --overwrite, or pass another --output-dir")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated (zip reader errors), foreign pickles (UnpicklingError), ...
-        raise ValueError(f"{path} is missing, damaged or not a DrPO checkpoint, so nothing was loaded or run "
-                         f"from it ({str(e).splitlines()[0]}). {fix}") from e
-    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
-        missing = sorted(CHECKPOINT_KEYS - set(ckpt if isinstance(ckpt, dict) else ()))
-        raise ValueError(f"{path} is not a DrPO checkpoint (it lacks {missing}). {fix}")
-    return ckpt
-
-
-def start_or_resume(args, net, optimizer, rng, rank, world):
-    """(step, prompt order) to start from: a fresh run clears the outputs of an earlier one; --resume loads the LoRA,
-    the optimizer and the loop's random state from the checkpoint and drops the metrics and snapshots after it."""
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
-    step, order = 0, []
-    if args.resume and ckpt_path.exists():
-        from peft.utils import set_peft_model_state_dict
-        ckpt = load_checkpoint(ckpt_path)
-        set_peft_model_state_dict(net, ckpt["lora"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rng.set_state(ckpt["rng"])
-        step, order = ckpt["step"], ckpt["order"]
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if rank == 0:  # the log then matches an uninterrupted run
-            atomic_write(metrics, lambda p: p.write_text(
-                "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
-    elif rank == 0:  # a fresh run: nothing of an earlier one may be resumed or appended to
-        if args.resume:
-            print(f"--resume: no checkpoint in {out}, starting a new run", file=sys.stderr)
-        for stale in (ckpt_path, out / "checkpoint.prev.pt", metrics):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(out / "loras", ignore_errors=True)
-    if rank == 0 and step:  # snapshots of updates after the checkpoint: the resumed run writes them again
-        for snap in (out / "loras").glob("step_*"):
-            if int(snap.name[5:]) > step:
-                shutil.rmtree(snap)
-    if rank == 0:
-        config = {**vars(args), "world_size": world}
-        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    return step, order
-
-
-def save_checkpoint(out, model, optimizer, rng, step, order, card):
-    """checkpoint.pt (everything --resume needs; the one before becomes checkpoint.prev.pt) and the
-    diffusers-format LoRA with its card. All are written aside first: a failed or cut save leaves the last ones."""
-    import tempfile
-    state = {"lora": lora_state(model.net), "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-             "step": step, "order": order}  # tensors, numbers and lists: loads with weights_only=True
-    try:
-        with tempfile.TemporaryDirectory(dir=out, prefix=".saving") as tmp:
-            torch.save(state, Path(tmp) / "checkpoint.pt")
-            save_lora(model, tmp, card)
-            if (out / "checkpoint.pt").exists():
-                os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
-            for name in ("checkpoint.pt", "pytorch_lora_weights.safetensors", "README.md"):
-                os.replace(Path(tmp) / name, out / name)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise disk_full(out, step) from e
-        raise
-
-
-def disk_full(out, step):
-    return OSError(f"the disk is full: update {step} could not be saved in {out}. The last checkpoint, LoRA and "
-                   f"snapshots there are intact; free some space and continue with --resume")
 
 
 def check_model(model, resolution=None, steps=None, timesteps=None, features=None, layers=None):
@@ -1267,8 +1284,11 @@ def check_args(args, world=1):
             (("candidates", "n_pos", "n_neg", "max_steps", "grad_accum", "prompts_per_step", "reward_batch",
               "lora_rank", "save_every", "grid_prompts", "grid_noises", "eval_seeds", "save_lora_every"),
              lambda v: v >= 1, "at least 1"),
-            (("lr", "lora_alpha", "pos_weight", "neg_weight", "ref_weight", "ref_neg_weight", "max_grad_norm"),
-             lambda v: v > 0, "positive"),
+            (("lora_alpha", "max_grad_norm"), lambda v: v > 0, "positive"),
+            (("lr",), lambda v: 0 < v <= 1, "positive and at most 1"),  # bounds past which a run can only fail
+            (("pos_weight", "neg_weight", "ref_weight", "ref_neg_weight"), lambda v: 0 < v <= 1e6,
+             "positive, at most 1e6 (the paper's: 3000)"),
+            (("resolution",), lambda v: v is None or v <= 4096, "a side of at most 4096 pixels"),
             (("lambda_ref", "grad_chunk", "sample_every", "eval_every", "weight_decay"), lambda v: v is None or v >= 0,
              "0 (off) or positive"), (("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
             (("inference_steps", "grad_steps"), lambda v: v is None or v >= 1, "at least 1"),
@@ -1278,16 +1298,9 @@ def check_args(args, world=1):
     if args.n_pos + args.n_neg > args.candidates:
         raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
                          f"positives and negatives must be disjoint candidates")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
     if args.force and not args.resume:
         raise ValueError("--force only overrides the settings check of --resume; add --resume or drop --force")
     out = Path(args.output_dir)
-    if out.is_file():
-        raise FileExistsError(f"--output-dir {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
-        raise FileExistsError(f"--output-dir {out} already holds files (another run?); pass --resume to continue it, "
-                              f"--overwrite to start over there, or choose a new folder")
     for flag in ("device", "reward_device"):  # a bad --device or --reward-device, said now
         reward_device_of(a[flag], None, 0, "--" + flag.replace("_", "-"))
     if args.pairs and (args.reward or args.prompts):
@@ -1318,21 +1331,11 @@ def check_args(args, world=1):
         raise ValueError(f"--grad-steps {args.grad_steps} exceeds the sampler's {n} step(s); give at most {n}, or "
                          f"drop it")
     beside("eval").check_targets(args.model, args.lora_targets)  # from the network's config, without weights
-    ckpt = out / "checkpoint.pt"
-    if args.resume and (ckpt.exists() or (out / "checkpoint.prev.pt").exists()):
-        load_checkpoint(ckpt)  # missing (a cut save), damaged or foreign: said now, before any model loads
-    if args.resume and ckpt.exists() and (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
-        new = json.loads(json.dumps({**vars(args), "world_size": world}))  # tuples as lists, as saved
-        args.forced_changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                               if k not in RESUME_FREE and old.get(k) != new.get(k)]
-        accum = old.get("grad_accum", 1) * old.get("world_size", 1), args.grad_accum * world
-        if accum[0] != accum[1]:  # micro-steps per update: may move between grad_accum and processes
-            args.forced_changes.append(f"grad_accum x world size: {accum[0]} -> {accum[1]}")
-        if args.forced_changes and not args.force:
-            raise ValueError(f"--resume: settings that shape the run differ from those of the run in {out}:\n  "
-                             + "\n  ".join(args.forced_changes) + "\nResume with the run's settings, start a new run "
-                             "in another --output-dir, or add --force if you mean to change them")
+    args.data_sha256 = hashlib.sha256(Path(args.pairs or args.prompts or DEFAULT_PROMPTS).read_bytes()).hexdigest()
+    beside("run_folder").check_output_dir(args, out, world)  # resume, or start in a folder that is this run's
+
+
+
 
 
 def _check_sets(gen, pos, neg, radii, kernel):

@@ -113,10 +113,15 @@ def check_lora(network, folder):
     if not path.is_file():
         raise FileNotFoundError(f"--lora {folder}: no pytorch_lora_weights.safetensors there; pass the --output-dir "
                                 f"of a drpo.py run, one of its loras/ folders, or any diffusers-format LoRA folder")
+    try:
+        weights = load_file(path)
+    except Exception as e:  # safetensors' errors for a cut or foreign file
+        raise ValueError(f"--lora {folder}: {path} is damaged or not a safetensors file ({e}); save it again, or "
+                         f"pass another LoRA") from None
     name, net = network
     modules = dict(net.named_modules())
     found = 0
-    for key, w in load_file(path).items():
+    for key, w in weights.items():
         m = re.fullmatch(rf"{name}\.(.+)\.(lora\.down|lora\.up|lora_A|lora_B)(\.default)?\.weight", key)
         if not m:
             continue
@@ -177,8 +182,18 @@ def run_of(folder):
     folder = Path(folder).resolve()
     for run in (folder, folder.parent.parent) if folder.parent.name == "loras" else (folder,):
         cfg = run / "config.json"
-        if cfg.is_file() and {"candidates", "model"} <= set(config := json.loads(cfg.read_text())):
+        if cfg.is_file() and {"candidates", "model"} <= set(config := drpo.beside("run_folder").read_json(cfg)):
             config.setdefault("timesteps", config.get("timestep") and [config["timestep"]])  # a run before 2026-12
+            count = lambda v, most=10 ** 4: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most
+            for key, ok, what in (("model", lambda v: isinstance(v, str) and v, "a model name"),
+                                  ("inference_steps", count, "a step count"), ("resolution", count, "a side in px"),
+                                  ("timesteps", lambda v: isinstance(v, list) and all(count(t + 1) for t in v),
+                                   "a list of timesteps"),
+                                  ("eval_prompts", lambda v: isinstance(v, str), "a file name"),
+                                  ("eval_seeds", count, "a number of seeds")):
+                if config.get(key) is not None and not ok(config[key]):
+                    raise ValueError(f"{cfg}: {key} is {config[key]!r}, not {what}; repair the run's config.json, or "
+                                     f"give --{key.replace('_', '-').replace('eval-', '')} to eval.py")
             return config
     return None
 
@@ -214,9 +229,11 @@ class Watch:
     """drpo.py's held-out evaluation (--eval-every): heldout_scores of fixed (prompt, seed) images, so each figure
     equals eval.py's for that update's LoRA. Process r of a torchrun job scores prompts r, r + world, ..., rank 0
     gathers them, appends a metrics.jsonl line and keeps loras/best. The base is scored once per (re)start and
-    logged at update 0. Nothing here draws from the training's random state."""
+    logged at update 0. Nothing here draws from the training's random state. A stop signal (stop_asked, drpo's
+    deferred_signals) cuts an evaluation short between prompts (drpo.Stopped); a resumed run evaluates that update
+    first, so its metrics are the uninterrupted run's."""
 
-    def __init__(self, args, model, phi, reward, step, rank, world):
+    def __init__(self, args, model, phi, reward, step, rank, world, stop_asked=()):
         device = drpo.reward_device_of(args.reward_device, model.net.device, int(os.environ.get("LOCAL_RANK", 0)))
         paths = drpo.reward_options(args)
         self.args, self.model, self.phi, self.rank, self.world, self.out = args, model, phi, rank, world, \
@@ -227,23 +244,32 @@ class Watch:
                                   drpo.precision_dtype(args.reward_precision, device),
                                   geneval_metadata=args.eval_prompts, **paths)
         self.first, self.best, self.last = f"eval/{next(iter(self.metrics))}", (None, -math.inf), None
+        self.stop_asked = stop_asked
         with drpo.lora_off(model.net):
-            self.base = self.score()
+            self.base = self.score(stoppable=False)
         if step == 0:
             self.log(0, self.base)
-        elif rank == 0 and (self.out / "metrics.jsonl").is_file():  # resumed: the best of the updates logged so far
-            rows = [row for line in (self.out / "metrics.jsonl").read_text().splitlines()
-                    if self.first in (row := json.loads(line))]
-            if rows:
-                top = max(rows, key=lambda row: row[self.first])  # the first of equals, as during the run
-                self.best, self.last = (top["step"], top[self.first]), rows[-1]
-                point_best(self.out, top["step"])
+            return
+        rows = [row for row in drpo.beside("run_folder").read_metrics(self.out / "metrics.jsonl") if self.first in row]
+        if rank == 0 and rows:  # resumed: the best of the updates logged so far
+            top = max(rows, key=lambda row: row[self.first])  # the first of equals, as during the run
+            self.best, self.last = (top["step"], top[self.first]), rows[-1]
+            point_best(self.out, top["step"])
+        if not any(row["step"] == step for row in rows):  # a stop cut this update's evaluation short
+            self(step)
 
-    def score(self):
+    def due(self, step):
+        return step % self.args.eval_every == 0 or step == self.args.max_steps
+
+    def score(self, stoppable=True):
         """({metric: (prompts * seeds,)}, (prompts,) spreads or None), every process's share gathered on all."""
+        def each(i, images):
+            if stoppable and self.stop_asked:
+                raise drpo.Stopped(f"a stop signal during the held-out evaluation of {self.args.output_dir}")
         cuda = [self.model.net.device] if self.model.net.device.type == "cuda" else []
         with drpo.all_or_none(self.world), torch.random.fork_rng(devices=cuda):
-            mine = heldout_scores(self.model, self.prompts[self.rank::self.world], self.noises, self.metrics, self.phi)
+            mine = heldout_scores(self.model, self.prompts[self.rank::self.world], self.noises, self.metrics, self.phi,
+                                  each)
         if self.world == 1:
             return mine
         shares = [None] * self.world
@@ -261,9 +287,7 @@ class Watch:
     def __call__(self, step):
         """Every --eval-every updates and at the last, evaluate the LoRA of this update; True on rank 0 when it is the
         best so far (its snapshot then saved)."""
-        if step % self.args.eval_every and step != self.args.max_steps:
-            return False
-        return self.log(step, self.score())
+        return self.due(step) and self.log(step, self.score())
 
     def log(self, step, result):
         scores, spreads = result
@@ -328,7 +352,7 @@ def save_snapshot(out, model, args, step, heldout, best=False):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise drpo.disk_full(out, step) from e
+            raise drpo.beside("run_folder").disk_full(out, step) from e
         raise
     if best:
         point_best(out, step)
@@ -344,43 +368,6 @@ def point_best(out, step):
         return link.unlink(missing_ok=True)
     os.symlink(f"step_{step:06d}", tmp)
     os.replace(tmp, link)
-
-
-def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
-    """drpo.py's metrics.jsonl line of an update, and the progress bar's live figures: those that move when DrPO
-    learns. The regression losses are mean(V^2) of fields normalized per radius, so they stay in a narrow band
-    whatever the reward does (docs/running.md)."""
-    scores, pos, neg = (torch.cat(log.pop(k) or [torch.zeros(0)]) for k in ("scores", "pos", "neg"))
-    ranked = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(), "pos_mean": pos.mean().item(),
-              "neg_mean": neg.mean().item(), "gap": (pos.mean() - neg.mean()).item()} if len(scores) else {
-              "gap": log["dist_neg"] - log["dist_pos"]}  # offline: rejected minus chosen distance
-    metrics = {"step": step, **ranked, **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
-               "seconds": sum(times.values()), "phases_s": times}
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    bar.update(1)
-    shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
-             {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
-    bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", dist_ref=f"{metrics['dist_ref']:.4g}")
-
-
-def save_outputs(args, model, optimizer, rng, order, step, stop, saved, watch, prompts, amp):
-    """What drpo.py's rank 0 writes after an update: the LoRA snapshot (unless the held-out evaluation has just saved
-    it as the best), the sample grid, curves.png, and the checkpoint with the LoRA and its card (docs/running.md)."""
-    out, last = Path(args.output_dir), step == args.max_steps
-    heldout = watch and watch.last
-    if not saved and (step % args.save_lora_every == 0 or last or stop):
-        save_snapshot(out, model, args, step, heldout)
-    if args.sample_every and (step % args.sample_every == 0 or last):
-        noises = torch.randn((args.grid_noises, drpo.noise_draws(model.recipe), *drpo.latent_shape(
-            model, args.resolution)), generator=torch.Generator().manual_seed(args.seed + 1))
-        grid = image_grid(amp(sample_images)(model, prompts[:args.grid_prompts], noises), len(noises))
-        (out / "samples").mkdir(exist_ok=True)
-        drpo.atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
-    if stop or last or (args.sample_every and step % args.sample_every == 0):
-        plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
-    if stop or step % args.save_every == 0 or last:
-        drpo.save_checkpoint(out, model, optimizer, rng, step, order, model_card(args, model, step, heldout, out))
 
 
 @torch.no_grad()
@@ -453,7 +440,7 @@ def markdown_table(scores):
         cells = []
         for r in rewards:
             s = scores[r][label]
-            cell = f"{s['mean']:.4g} ± {s['std']:.2g}"
+            cell = f"{s['mean']:.4g}" + (f" ± {s['std']:.2g}" if math.isfinite(s["std"]) else "")  # one image: no ±
             if "diff_vs_base" in s:
                 cell += (f" ({s['diff_vs_base']:+.3g} [{s['ci95'][0]:+.3g}, {s['ci95'][1]:+.3g}], "
                          f"win {100 * s['win_rate']:.0f}%)")
@@ -575,7 +562,7 @@ def plot_curves(runs, path):
     (train_ax, eval_ax, spread_ax), rest = axes
     lasts = []
     for run in map(Path, runs):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = drpo.beside("run_folder").read_metrics(run / "metrics.jsonl")
         held = [r for r in rows if any(k.startswith("eval/") for k in r)]
         rows = [r for r in rows if r not in held]
         col = {k: [r.get(k, math.nan) for r in rows] for k in (rows[-1] if rows else ())}
@@ -667,7 +654,8 @@ def snapshots_of(runs):
     """--snapshots: every RUN/loras/step_N of the one run folder, in update order."""
     if len(runs) != 1:
         raise ValueError(f"--snapshots evaluates the snapshots of one run: give one --lora RUN, not {len(runs)}")
-    steps = sorted((Path(runs[0]) / "loras").glob("step_*"), key=lambda f: int(f.name[5:]))
+    snapshot_step = drpo.beside("run_folder").snapshot_step
+    steps = sorted((f for f in (Path(runs[0]) / "loras").glob("step_*") if snapshot_step(f) >= 0), key=snapshot_step)
     if not steps:
         raise FileNotFoundError(f"--snapshots: {runs[0]} has no loras/step_N folders; pass a drpo.py --output-dir "
                                 f"(it keeps one every --save-lora-every updates)")
@@ -696,6 +684,12 @@ def check(args):
     drpo.reward_device_of(args.reward_device, None, 0)
     if args.snapshots:
         args.lora = snapshots_of(args.lora)
+    for folder in args.lora:  # before the model: a mistyped path is said at once, not after a download
+        if not (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+            raise FileNotFoundError(f"--lora {folder}: no pytorch_lora_weights.safetensors there; pass the "
+                                    f"--output-dir of a drpo.py run, one of its loras/ folders, or a diffusers LoRA")
+    if args.resolution is not None and not 0 < args.resolution <= 4096:
+        raise ValueError(f"--resolution must be a side of at most 4096 pixels, got {args.resolution}")
     template = read_template(args.judge_template)
     runs = take_run_settings(args)  # the runs' --model, steps, timesteps, --resolution where not given
     drpo.check_model(args.model, args.resolution, args.inference_steps, args.timesteps)  # configs only, before loading
@@ -703,7 +697,11 @@ def check(args):
     for folder in args.lora:
         check_lora(network, folder)
     if not args.prompts and not args.geneval:  # the runs' held-out prompts, else the shipped held-out list
-        args.prompts = next((c.get("eval_prompts") for c in runs.values() if c.get("eval_prompts")), None) or HELDOUT
+        run, args.prompts = next(((f, c["eval_prompts"]) for f, c in runs.items() if c.get("eval_prompts")),
+                                 (None, HELDOUT))
+        if run and not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--lora {run}: its run's --eval-prompts {args.prompts} no longer exists; pass "
+                                    f"--prompts FILE to eval.py")
     args.seeds = args.seeds or next((c["eval_seeds"] for c in runs.values() if c.get("eval_seeds")), 4)
     args.reward = args.reward if args.reward is not None else "" if args.judge or args.geneval else DEFAULT_REWARDS
     names = [n for n, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
@@ -831,6 +829,12 @@ def main(argv=None):
         if missing:
             print(f"error: --curves {' '.join(missing)}: no metrics.jsonl there; pass drpo.py --output-dir folders",
                   file=sys.stderr)
+            return 2
+        try:
+            for run in args.curves:  # a damaged line is named before anything is drawn or written
+                drpo.beside("run_folder").read_metrics(Path(run) / "metrics.jsonl")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
         Path(args.out).mkdir(parents=True, exist_ok=True)
         plot_curves(args.curves, Path(args.out) / "curves.png")

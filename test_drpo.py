@@ -1071,7 +1071,8 @@ def torchrun(*argv, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(Path(__file__).resolve().parent / "drpo.py"), *argv],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300,
+                          start_new_session=True)  # its own process group: no signal of its reaches the tests
 
 
 @pytest.mark.parametrize("arch", ["sd", "sana", "sdxl-4", *FLOW_FAMILIES])
@@ -1138,7 +1139,7 @@ def test_torchrun_failures_stop_every_process_and_are_reported_once(tiny, tmp_pa
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     r = torchrun(*common, "--reward", "brightness", "--output-dir", str(tmp_path / "busy"))
-    assert r.returncode != 0 and r.stderr.count("already holds files") == 1, r.stderr[-3000:]
+    assert r.returncode != 0 and r.stderr.count("(another run?): a new run would replace them") == 1, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
 
 
@@ -1223,7 +1224,7 @@ def same_lora(a, b):
 
 
 @pytest.mark.parametrize("arch", ["sd", "sana", *FLOW_FAMILIES])
-def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_run(request, tmp_path, monkeypatch,
+def test_sigterm_drops_the_update_in_flight_saves_and_resume_equals_an_uninterrupted_run(request, tmp_path, monkeypatch,
                                                                                       capsys, arch):
     tiny, steps = family(request, arch)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -1231,15 +1232,35 @@ def test_sigterm_finishes_the_update_saves_and_resume_equals_an_uninterrupted_ru
     reward = "test_drpo:sigterm_reward"
     SIGNAL_AT.update(calls=0, at=None)
     assert run(tiny, tmp_path / "full", *common, reward=reward) == 0
-    SIGNAL_AT.update(calls=0, at=5)  # 2 reward calls per update: the signal comes during update 3
+    SIGNAL_AT.update(calls=0, at=5)  # 2 reward calls per update: the signal comes during update 3's first micro-step
     assert run(tiny, tmp_path / "cut", *common, reward=reward) == 143
-    assert "stopped by SIGTERM after update 3" in capsys.readouterr().err
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3  # saved, not lost
-    assert [m["step"] for m in metrics_of(tmp_path / "cut")] == [1, 2, 3]
+    assert "stopped by SIGTERM after update 2" in capsys.readouterr().err  # update 3 dropped at its next micro-step
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2  # saved, not lost
+    assert [m["step"] for m in metrics_of(tmp_path / "cut")] == [1, 2]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     SIGNAL_AT.update(calls=0, at=None)
     assert run(tiny, tmp_path / "cut", *common, "--resume", reward=reward) == 0
     assert metrics_of(tmp_path / "cut") == metrics_of(tmp_path / "full")
+    assert same_lora(tmp_path / "cut", tmp_path / "full")
+
+
+def test_a_signal_during_the_heldout_evaluation_cuts_it_and_resume_evaluates_that_update(tiny, tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    (tmp_path / "held.txt").write_text("a lighthouse\na red barn\na bowl of fruit\n")
+    common = ("--max-steps", "4", "--save-every", "4", "--sample-every", "0", "--eval-every", "2", "--eval-seeds",
+              "2", "--eval-prompts", str(tmp_path / "held.txt"))
+    reward = "test_drpo:sigterm_reward"
+    SIGNAL_AT.update(calls=0, at=None)
+    assert run(tiny, tmp_path / "full", *common, reward=reward) == 0
+    SIGNAL_AT.update(calls=0, at=8)  # 3 calls score the base, 2 each update, then update 2's evaluation from call 8
+    assert run(tiny, tmp_path / "cut", *common, reward=reward) == 143
+    assert "stopped by SIGTERM after update 2" in capsys.readouterr().err
+    assert SIGNAL_AT["calls"] == 8  # the evaluation stopped after the prompt in flight, not after all three
+    assert [m["step"] for m in metrics_of(tmp_path / "cut")] == [0, 1, 2]  # the base's row; update 2's cut short
+    SIGNAL_AT.update(calls=0, at=None)
+    assert run(tiny, tmp_path / "cut", *common, "--resume", reward=reward) == 0
+    assert metrics_of(tmp_path / "cut") == metrics_of(tmp_path / "full")  # update 2 evaluated first, then on
     assert same_lora(tmp_path / "cut", tmp_path / "full")
 
 
@@ -1343,9 +1364,9 @@ def test_a_truncated_checkpoint_is_named_and_the_previous_one_resumes(tiny, tmp_
     assert f"{out / 'checkpoint.pt'} is missing, damaged" in err and "checkpoint.prev.pt" in err and "Traceback" not in err
     (out / "checkpoint.pt").unlink()  # cut off before the rename: only the previous one is left
     assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 2
-    assert f"`mv {out / 'checkpoint.prev.pt'} {out / 'checkpoint.pt'}`" in capsys.readouterr().err
+    assert f"`cp {out / 'checkpoint.prev.pt'} {out / 'checkpoint.pt'}`" in capsys.readouterr().err
     assert (out / "checkpoint.prev.pt").exists()  # not cleared as the leftover of an earlier run
-    os.replace(out / "checkpoint.prev.pt", out / "checkpoint.pt")  # the fix the message names
+    shutil.copyfile(out / "checkpoint.prev.pt", out / "checkpoint.pt")  # the fix the message names
     assert run(tiny, out, *common, "--max-steps", "4", "--resume") == 0
     assert metrics_of(out) == metrics_of(tmp_path / "full") and same_lora(out, tmp_path / "full")
 
@@ -1402,6 +1423,311 @@ def test_out_of_memory_names_the_phase_and_the_remedies_and_keeps_the_checkpoint
     for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--reward-device cuda:+1", "--reward-batch"):
         assert remedy in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+# ---------------------------------------------------------------- the run folder: nothing lost ---
+
+def consistent(out):
+    """The run folder's LoRA is the checkpoint's, and every tensor of both is finite: what a save promises."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    expected = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(ckpt["lora"]).items()}
+    return (lora.keys() == expected.keys() and all(torch.equal(lora[k], expected[k]) for k in lora)
+            and all(torch.isfinite(v).all() for v in [*lora.values(), *ckpt["lora"].values()])
+            and f"after {ckpt['step']} updates" in (out / "README.md").read_text())
+
+
+FOLDER_ARGS = ("--max-steps", "2", "--save-every", "1", "--sample-every", "1", "--grid-prompts", "1")
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished two-update run on its own prompts file, copied by each case below."""
+    d = tmp_path_factory.mktemp("finished")
+    (d / "prompts.txt").write_text("a red fox\na blue car\na green field\n")
+    assert run(tiny, d / "run", *FOLDER_ARGS, "--prompts", str(d / "prompts.txt")) == 0
+    return d
+
+
+def hold_lock(out):
+    import fcntl
+
+    lock = open(out / ".drpo.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.write("process 4242 on elsewhere since 2026-12-07 10:00:00\n")
+    lock.flush()
+    return lock
+
+
+# (name, what is done to a copy of the finished run, extra flags, exit code, what the last line of stderr says, what
+# is on disk afterwards). Each run uses the finished run's settings but for --max-steps, --resume and what is given.
+RUN_FOLDER_CASES = [
+    ("resume without a checkpoint keeps the user's files",
+     lambda out: [p.unlink() for p in out.glob("checkpoint*.pt")] + [(out / "notes.txt").write_text("mine")],
+     ["--resume"], 2, "but no checkpoint to resume from: a new run would replace them",
+     lambda out: (out / "notes.txt").read_text() == "mine" and (out / "pytorch_lora_weights.safetensors").is_file()),
+    ("resume without a checkpoint, told to overwrite, starts over and leaves files that are not the run's",
+     lambda out: [p.unlink() for p in out.glob("checkpoint*.pt")] + [(out / "notes.txt").write_text("mine")],
+     ["--resume", "--overwrite", "--max-steps", "1"], 0, "done: LoRA in",
+     lambda out: (out / "notes.txt").read_text() == "mine" and consistent(out)
+     and [m["step"] for m in metrics_of(out)] == [1]),
+    ("a deleted config.json is a refusal, not a fresh start",
+     lambda out: (out / "config.json").unlink(), ["--resume", "--lr", "0.5", "--max-steps", "3"], 2,
+     "config.json is missing or damaged", lambda out: consistent(out) and len(metrics_of(out)) == 2),
+    ("--force continues without config.json, recorded",
+     lambda out: (out / "config.json").unlink(), ["--resume", "--force", "--max-steps", "3"], 0, "done: LoRA in",
+     lambda out: consistent(out) and "settings not compared" in json.loads(
+         (out / "config.json").read_text())["forced_changes"][0]),
+    ("a config.json that is not an object", lambda out: (out / "config.json").write_text('"a string"'),
+     ["--resume", "--max-steps", "3"], 2, "config.json holds a str, not the run's settings", consistent),
+    ("edited prompts are a changed setting", lambda out: (out.parent / "prompts.txt").write_text("a red fox\n"),
+     ["--resume", "--max-steps", "3"], 2, "Resume with the run's settings", consistent),
+    ("a cut last metrics line is dropped",
+     lambda out: (out / "metrics.jsonl").write_text((out / "metrics.jsonl").read_text() + '{"step": 3, "rew'),
+     ["--resume", "--max-steps", "3"], 0, "done: LoRA in",
+     lambda out: consistent(out) and [m["step"] for m in metrics_of(out)] == [1, 2, 3]),
+    ("a damaged metrics line elsewhere is named",
+     lambda out: (out / "metrics.jsonl").write_text("nonsense\n" + (out / "metrics.jsonl").read_text()),
+     ["--resume", "--max-steps", "3"], 2, "metrics.jsonl, line 1 is not a metrics row", consistent),
+    ("a folder of the user's in loras/ is left alone", lambda out: (out / "loras" / "step_final").mkdir(parents=True),
+     ["--resume", "--max-steps", "3"], 0, "done: LoRA in",
+     lambda out: (out / "loras" / "step_final").is_dir() and consistent(out)),
+    ("what a cut save left is removed",
+     lambda out: [(out / ".saving-000003").mkdir(), (out / ".saving-000003" / "checkpoint.pt").write_bytes(b"x"),
+                  (out / "loras" / ".step_000003.saving").mkdir(parents=True)],
+     ["--resume", "--max-steps", "3"], 0, "done: LoRA in",
+     lambda out: not [*out.glob(".saving*"), *out.glob("loras/.*saving")] and consistent(out)),
+    ("a LoRA newer than the checkpoint (a save cut between its renames) is rewritten from it",
+     lambda out: (out / "pytorch_lora_weights.safetensors").write_bytes(b"not the checkpoint's LoRA"),
+     ["--resume"], 0, "done: LoRA in", consistent),
+    ("a second process is refused, by name", hold_lock, ["--resume", "--max-steps", "3"], 2,
+     "is in use by process 4242 on elsewhere since 2026-12-07 10:00:00; wait for that run to end", consistent),
+    ("a new run into a finished one is refused", lambda out: None, [], 2, "(another run?): a new run would replace",
+     consistent),
+    ("a first run that saved nothing can be repeated",
+     lambda out: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in out.iterdir()
+                  if p.name not in ("config.json", "metrics.jsonl", "samples")], ["--max-steps", "1"], 0,
+     "done: LoRA in", lambda out: consistent(out) and [m["step"] for m in metrics_of(out)] == [1]),
+]
+
+
+@pytest.mark.parametrize("name,change,extra,code,said,check", RUN_FOLDER_CASES, ids=[c[0] for c in RUN_FOLDER_CASES])
+def test_the_run_folder_belongs_to_one_run_and_nothing_in_it_is_lost(finished, tiny, tmp_path, capsys, name, change,
+                                                                     extra, code, said, check):
+    shutil.copytree(finished, tmp_path / "d")
+    out, keep = tmp_path / "d" / "run", change(tmp_path / "d" / "run")
+    try:
+        got = run(tiny, out, *FOLDER_ARGS, "--prompts", str(tmp_path / "d" / "prompts.txt"), *extra)
+    finally:
+        keep.close() if hasattr(keep, "close") else None
+    captured = capsys.readouterr()
+    assert got == code and "Traceback" not in captured.err, captured.err[-2000:]
+    last = (captured.out if code == 0 else captured.err).strip().splitlines()[-1]
+    assert said in last, last
+    assert check(out)
+    assert oct((out / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+NAN_AT = {"calls": 0, "at": 99, "how": "nan"}
+
+
+def breaking_features(latents, noise, cond):
+    """Latent statistics that turn bad on the call NAN_AT["at"]: NaN features, or (how="grad") finite features whose
+    gradient is infinite (the square root of 0, differentiated)."""
+    NAN_AT["calls"] += 1
+    feats = drpo.load_features("latent")(latents, noise, cond)
+    if NAN_AT["calls"] >= NAN_AT["at"]:
+        k = next(iter(feats))
+        feats[k] = feats[k] * math.nan if NAN_AT["how"] == "nan" else feats[k] + (feats[k] - feats[k].detach()).sqrt()
+    return feats
+
+
+@pytest.mark.parametrize("how,said", [("nan", "--features test_drpo:breaking_features returned 'latent_mean' with "
+                                       "NaN or infinite values"),
+                                      ("grad", "update 3: the gradient is NaN or infinite")])
+def test_nothing_non_finite_is_ever_saved(tiny, tmp_path, capsys, monkeypatch, how, said):
+    """NaN features (the user's map) or an infinite gradient at update 3, with a save after every update: the run
+    stops there, naming the cause, and the checkpoint, its LoRA and the snapshots stay those of update 2."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    argv = ("--features", "test_drpo:breaking_features", "--max-steps", "4", "--save-every", "1",
+            "--save-lora-every", "1", "--sample-every", "1")
+    NAN_AT.update(calls=0, at=99)
+    assert run(tiny, tmp_path / "good", *argv[:-6], "--max-steps", "2", "--sample-every", "0") == 0
+    NAN_AT.update(calls=0, at=9, how=how)  # 4 feature calls an update (2 micro-steps x 2): update 3 from call 9
+    assert run(tiny, tmp_path / "bad", *argv) == 2
+    err = capsys.readouterr().err
+    assert said in err.strip().splitlines()[-1] and "Traceback" not in err
+    out = tmp_path / "bad"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2 and consistent(out)
+    assert same_lora(out, tmp_path / "good")
+    assert sorted(p.name for p in (out / "loras").iterdir()) == ["step_000001", "step_000002"]
+    assert all(torch.isfinite(v).all() for p in (out / "loras").iterdir()
+               for v in load_file(p / "pytorch_lora_weights.safetensors").values())
+    assert [m["step"] for m in metrics_of(out)] == [1, 2]
+
+
+KILL_AT = """
+import os, shutil, signal, sys
+sys.path.insert(0, {repo!r})
+import drpo
+calls, real_replace, real_copy = [0], os.replace, shutil.copyfile
+
+def killing(real):
+    def call(*a, **k):
+        calls[0] += 1
+        if calls[0] == {at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    return call
+
+os.replace, shutil.copyfile = killing(real_replace), killing(real_copy)
+sys.exit(drpo.main({argv!r}))
+"""
+
+
+def test_kill_9_anywhere_in_a_save_then_resume_gives_the_uninterrupted_run(tiny, tmp_path):
+    """kill -9 at points all through the saves (one at a time, a bounded loop), then --resume: the LoRA and metrics
+    equal the uninterrupted run's, bitwise, the LoRA is the checkpoint's, and nothing a save left remains."""
+    argv = ["--model", tiny, "--reward", "brightness", "--candidates", "4", "--n-pos", "1", "--n-neg", "1",
+            "--grad-accum", "1", "--lr", "1e-3", "--seed", "0", "--eval-every", "0", "--max-steps", "3",
+            "--save-every", "1", "--save-lora-every", "2", "--sample-every", "0"]
+    assert drpo.main([*argv, "--output-dir", str(tmp_path / "full")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # kill points, counted over every os.replace and copyfile of the run: 1 config.json; 4 the first save's LoRA
+    # renamed, no checkpoint yet; 9 update 2's snapshot; 12 the second save copying the checkpoint aside; 14 its LoRA
+    # and card renamed, not the checkpoint; 16 its checkpoint renamed; 24 the last save's LoRA renamed
+    for at in (1, 4, 9, 12, 14, 16, 24):
+        out = tmp_path / f"k{at}"
+        code = subprocess.run([sys.executable, "-c", KILL_AT.format(repo=str(Path(__file__).parent), at=at,
+                                                                    argv=[*argv, "--output-dir", str(out)])],
+                              env=env, capture_output=True, timeout=300).returncode
+        assert code == -signal.SIGKILL, at
+        if (out / "checkpoint.pt").exists():  # whatever the point, the checkpoint there is whole and finite
+            assert all(torch.isfinite(v).all() for v in torch.load(out / "checkpoint.pt", weights_only=True)[
+                "lora"].values())
+        done = drpo.main([*argv, "--output-dir", str(out), "--resume", "--overwrite"])
+        assert done == 0, at
+        assert same_lora(out, tmp_path / "full") and consistent(out)
+        assert metrics_of(out) == metrics_of(tmp_path / "full"), at
+        assert not [*out.glob(".saving*"), *out.glob("*.tmp"), *out.glob("loras/.*")], at
+        assert sorted(p.name for p in (out / "loras").iterdir()) == ["step_000002", "step_000003"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: a real full disk (skipped where mounting needs a root this machine does not give)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_loses_nothing_and_resume_continues_exactly(tiny, tmp_path, small_disk, capsys):
+    argv = ["--max-steps", "4", "--save-every", "1", "--sample-every", "0"]
+    assert run(tiny, tmp_path / "full", *argv) == 0
+    out = small_disk / "run"
+    assert run(tiny, out, *argv[:-6], "--max-steps", "1", "--save-every", "1", "--sample-every", "0") == 0
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 400_000))  # room for the LoRA resume rewrites, not for a checkpoint
+    capsys.readouterr()
+    assert run(tiny, out, *argv, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "the disk is full: update 2 could not be saved" in err and "Traceback" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1 and consistent(out)
+    filler.unlink()
+    assert run(tiny, out, *argv, "--resume") == 0
+    assert same_lora(out, tmp_path / "full") and metrics_of(out) == metrics_of(tmp_path / "full")
+    assert not list(out.glob(".saving*"))
+
+
+def none_reward(images, prompts):
+    return None
+
+
+def dict_reward(images, prompts):
+    return {"score": 1.0}
+
+
+def text_reward(images, prompts):
+    return ["good"] * len(images)
+
+
+def huge_reward(images, prompts):
+    return [1e300 * (i + 1) for i in range(len(images))]
+
+
+def tensor_features(latents, noise, cond):
+    return latents.flatten(1)[:, None]
+
+
+def empty_features(latents, noise, cond):
+    return {}
+
+
+def detached_features(latents, noise, cond):
+    return {"x": latents.detach().flatten(2).transpose(1, 2)}
+
+
+def collapsed_features(latents, noise, cond):
+    return {"x": latents.flatten(2).transpose(1, 2).mean(0, keepdim=True)}
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--reward", "test_drpo:none_reward"], "--reward test_drpo:none_reward returned NoneType; a reward returns one "
+                                            "float per image"),
+    (["--reward", "test_drpo:dict_reward"], "--reward test_drpo:dict_reward returned dict"),
+    (["--reward", "test_drpo:text_reward"], "--reward test_drpo:text_reward returned list"),
+    (["--reward", "test_drpo:huge_reward"], "--reward test_drpo:huge_reward returned scores up to 8e+300, beyond "
+                                            "float32; rescale them"),
+    (["--features", "test_drpo:tensor_features"], "--features test_drpo:tensor_features returned a Tensor; a feature "
+                                                  "map returns {key: (n, T, D) tensor}"),
+    (["--features", "test_drpo:empty_features"], "--features test_drpo:empty_features returned an empty dict"),
+    (["--features", "test_drpo:detached_features"], "returned features without the latents' gradient (detached?)"),
+    (["--features", "test_drpo:collapsed_features"], "returned 'x' of shape (1, 256, 4) for 8 latents"),
+])
+def test_the_users_reward_and_feature_map_are_held_to_their_contract(tiny, tmp_path, capsys, monkeypatch, flags,
+                                                                      said):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    flags = flags if flags[0] == "--features" else ["--features", "latent", *flags]
+    argv = ["--model", tiny, "--candidates", "8", "--n-pos", "3", "--n-neg", "3", "--grad-accum", "1", "--eval-every",
+            "0", "--max-steps", "1", "--output-dir", str(tmp_path / "o"), *flags]
+    code, err = refused(drpo.main, [*argv, *([] if "--reward" in flags else ["--reward", "brightness"])], capsys)
+    assert code == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_every_weight_of_a_reward_spec_counts_or_is_refused(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    parsed = lambda spec: [(n, w) for n, _, w in drpo.parse_reward_spec(spec)]
+    assert parsed("brightness:-1") == [("brightness", -1.0)]
+    assert parsed("http://host:8100,brightness:.5") == [("http://host:8100", 1.0), ("brightness", 0.5)]
+    assert parsed("test_drpo:nan,test_drpo:inf") == [("test_drpo:nan", 1.0), ("test_drpo:inf", 1.0)]  # names
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 8), (v, v, v)) for v in (10, 200, 90)]
+    plain = drpo.load_reward("brightness")(images, ["a"] * 3)
+    assert torch.equal(drpo.load_reward("brightness:-1")(images, ["a"] * 3), -plain)  # ranks the other way
+    assert torch.equal(drpo.load_reward("brightness:1")(images, ["a"] * 3), plain)  # 1: bitwise the plain scores
+
+
+def nan_module_reward(images, prompts):
+    return drpo.brightness_reward(images, prompts)
+
+
+nan = inf = nan_module_reward  # functions named nan and inf are names, not weights
 
 
 # ---------------------------------------------------------------- offline pairs -----------
@@ -2735,7 +3061,21 @@ DRPO_BAD = [
                                           "object with a \"prompt\""),
     (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["--output-dir", "{d}/afile"], "--output-dir {d}/afile is a file; pass a folder"),
-    (["--output-dir", "{d}/full"], "--output-dir {d}/full already holds files (another run?); pass --resume"),
+    (["--output-dir", "{d}/full"], "--output-dir {d}/full holds x (another run?): a new run would replace them"),
+    (["--output-dir", "{d}/afile/sub"], "--output-dir {d}/afile/sub: cannot write there (Not a directory)"),
+    (["--resume", "--output-dir", "{d}/full"], "--output-dir {d}/full holds x, but no checkpoint to resume from"),
+    (["--resume", "--output-dir", "{d}/noconfig"], "--resume: {d}/noconfig/config.json is missing or damaged"),
+    (["--resume", "--output-dir", "{d}/listconfig"], "--resume: {d}/listconfig/config.json holds a list, not the run's"),
+    (["--resume", "--output-dir", "{d}/cutmetrics"], "{d}/cutmetrics/metrics.jsonl, line 1 is not a metrics row"),
+    (["--resolution", "100000"], "--resolution must be a side of at most 4096 pixels, got 100000"),
+    (["--pos-weight", "1e39"], "--pos-weight must be positive, at most 1e6 (the paper's: 3000), got 1e+39"),
+    (["--lr", "1e30"], "--lr must be positive and at most 1, got 1e+30"),
+    (["--reward", "brightness:inf"], "--reward brightness:inf: a weight is a finite number other than 0, got inf"),
+    (["--reward", "brightness:1e999"], "a weight is a finite number other than 0, got 1e999"),
+    (["--reward", "brightness:0,jpeg"], "--reward brightness:0: a weight is a finite number other than 0"),
+    (["--prompts", "{d}/numbers.jsonl"], "--prompts {d}/numbers.jsonl: prompt 1 is 3; every prompt is a non-empty"),
+    (["--prompts", "{d}/nulls.jsonl"], "prompt 2 is None; every prompt is a non-empty string"),
+    (["--prompts", "{d}/lists.jsonl"], "prompt 1 is ['a', 'b']; every prompt is a non-empty string"),
     (["--sample-every", "-1"], "--sample-every must be 0 (off) or positive"),
     (["--grid-prompts", "0"], "--grid-prompts must be at least 1"),
     (["--grid-noises", "0"], "--grid-noises must be at least 1"),
@@ -2750,7 +3090,6 @@ DRPO_BAD = [
     (["--eval-reward", "nosuch"], "--eval-reward nosuch: unknown reward 'nosuch'"),
     (["--eval-reward", "geneval"], "needs --eval-prompts evaluation_metadata.jsonl"),
     (["--eval-seeds", "0"], "--eval-seeds must be at least 1"),
-    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other; pick one"),
     (["--force"], "--force only overrides the settings check of --resume; add --resume or drop --force"),
     (["--resume", "--output-dir", "{d}/old"], "{d}/old/checkpoint.pt is missing, damaged or not a DrPO checkpoint"),
     (["--reward", "vlm"], "--reward vlm needs --reward-url (the server's OpenAI-compatible base"),
@@ -2786,6 +3125,12 @@ DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite"}  # f
 EVAL_BAD = [
     (["--model", "{d}/nope"], "--model {d}/nope: no such folder"),
     (["--lora", "{d}/nope"], "--lora {d}/nope: no pytorch_lora_weights.safetensors there; pass the --output-dir"),
+    (["--lora", "{d}/damaged"], "--lora {d}/damaged: {d}/damaged/pytorch_lora_weights.safetensors is damaged or not a "
+                                "safetensors file"),
+    (["--lora", "{d}/badconfig"], "{d}/badconfig/config.json: model is 123, not a model name"),
+    (["--lora", "{d}/badseeds"], "{d}/badseeds/config.json: eval_seeds is -3, not a number of seeds"),
+    (["--lora", "{d}/noprompts"], "--lora {d}/noprompts: its run's --eval-prompts {d}/gone.txt no longer exists"),
+    (["--resolution", "100000"], "--resolution must be a side of at most 4096 pixels, got 100000"),
     (["--lora", "{d}", "--snapshots"], "--snapshots: {d} has no loras/step_N folders"),
     (["--lora", "{d}/run", "--lora", "{d}/run", "--snapshots"], "--snapshots evaluates the snapshots of one run"),
     (["--lora", "{d}/run", "--timestep", "500"], "--timesteps 500 contradicts the run of --lora {d}/run"),
@@ -2804,6 +3149,7 @@ EVAL_BAD = [
     (["--judge-template", "{d}/empty.txt"], "--judge-template is the instruction of --judge; add --judge"),
     (["--judge-batch", "0"], "--judge-batch must be at least 1"),
     (["--curves", "{d}"], "--curves {d}: no metrics.jsonl there"),
+    (["--curves", "{d}/cutmetrics"], "{d}/cutmetrics/metrics.jsonl, line 1 is not a metrics row"),
     (["--max-prompts", "0"], "--max-prompts must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--out", "{d}/afile"], "--out {d}/afile is a file; pass a folder"),
@@ -2858,7 +3204,24 @@ def bad_inputs(tiny, tmp_path_factory):
     (d / "full" / "x").write_text("")
     (d / "old").mkdir()
     (d / "old" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (d / "numbers.jsonl").write_text('{"prompt": 3}\n')
+    (d / "nulls.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": null}\n')
+    (d / "lists.jsonl").write_text('{"prompt": ["a", "b"]}\n')
     assert run(tiny, d / "run", "--max-steps", "2", "--grad-accum", "1", "--sample-every", "0") == 0
+    for name, change in (("noconfig", lambda r: (r / "config.json").unlink()),  # damaged run folders
+                         ("listconfig", lambda r: (r / "config.json").write_text("[1, 2]")),
+                         ("cutmetrics", lambda r: (r / "metrics.jsonl").write_text("{not json\n" + (
+                             r / "metrics.jsonl").read_text())),
+                         ("damaged", lambda r: (r / "pytorch_lora_weights.safetensors").write_bytes(
+                             (r / "pytorch_lora_weights.safetensors").read_bytes()[:1000])),
+                         ("badconfig", lambda r: (r / "config.json").write_text(json.dumps(
+                             {**json.loads((r / "config.json").read_text()), "model": 123}))),
+                         ("badseeds", lambda r: (r / "config.json").write_text(json.dumps(
+                             {**json.loads((r / "config.json").read_text()), "eval_seeds": -3}))),
+                         ("noprompts", lambda r: (r / "config.json").write_text(json.dumps(
+                             {**json.loads((r / "config.json").read_text()), "eval_prompts": str(d / "gone.txt")})))):
+        shutil.copytree(d / "run", d / name)
+        change(d / name)
     return d
 
 
@@ -3160,6 +3523,154 @@ def test_the_reward_service_batches_clients_scores_as_in_process_and_refuses_bad
                                               local(grey_images(9, 90), ["a"] * 2), atol=1e-6, rtol=0)
 
 
+def poison_reward(images, prompts):
+    """Mean brightness (without a float copy of the pixels, so that the worker's memory is the service's), but NaN for
+    the prompt "nan", an error for "raise", and the worker's death for "die"."""
+    if "die" in prompts:
+        os._exit(1)
+    if "raise" in prompts:
+        raise RuntimeError("a bug in the reward")
+    from PIL import ImageStat
+
+    scores = torch.tensor([sum(ImageStat.Stat(im).mean) / 765 for im in images])  # no copy of the pixels
+    return torch.where(torch.tensor([p == "nan" for p in prompts]), torch.nan, scores)
+
+
+def png_declaring(width, height):
+    """A valid 1x1 PNG whose header says width x height: what a decompression bomb looks like before decoding."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    grey_images(0)[0].resize((1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # type + 13 bytes of IHDR
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return base64.b64encode(bytes(data)).decode()
+
+
+def peak_rss_mb(pid):
+    """The largest peak resident memory among pid's descendants (the workers decode), in MB."""
+    import psutil
+
+    peaks = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(OSError, psutil.Error):
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            peaks.append(int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024)
+    return max(peaks)
+
+
+def test_the_reward_service_survives_what_one_request_can_do(tmp_path):
+    """Started for real on 127.0.0.1: a decompression bomb, requests past and at the pixel cap, one client's poisoned
+    request batched with another's, a reward that raises, a worker that dies and a body that never ends each get
+    their own answer, the others are scored as in process, the workers' memory stays within a stated bound, and a
+    valid request is answered correctly afterwards. SIGTERM then stops the server with all its processes."""
+    import concurrent.futures
+    import socket
+    import urllib.error
+    import urllib.request
+
+    import psutil
+    from PIL import Image
+
+    from rewards import remote, serve
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rewards.serve", "--reward", "test_drpo:poison_reward", "--port",
+                             str(port), "--accelerator", "cpu", "--devices", "1", "--max-batch-size", "4",
+                             "--batch-timeout", "1", "--body-timeout", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parent,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)})
+    url = f"http://127.0.0.1:{port}"
+
+    def post(prompts, images, timeout=60):
+        body = json.dumps({"prompts": prompts, "images": images}).encode()
+        request = urllib.request.Request(url + "/score", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    grey = grey_images(20, 200)
+    pngs, expected = [remote.png_b64(im) for im in grey], poison_reward(grey, ["a", "b"]).tolist()
+    try:
+        wait_for(url + "/health", proc, 90)
+        assert post(["a", "b"], pngs) == (200, {"scores": expected})
+        baseline = peak_rss_mb(proc.pid)
+        # a bomb, and requests past and at the pixel cap: 4xx before decoding, or scored
+        code, answer = post(["a"], [png_declaring(100_000, 100_000)])
+        assert code == 422 and "images[0] declares too many pixels" in answer["detail"], answer
+        big = remote.png_b64(Image.new("RGB", (4096, 4096)))
+        code, answer = post(["a"] * 32, [big] * 32)
+        assert code == 422 and f"more than {serve.MAX_PIXELS} pixels" in answer["detail"], answer
+        assert post(["a", "a"], [big] * 2) == (200, {"scores": [0.0, 0.0]})  # exactly MAX_PIXELS
+        # the bound docs/rewards.md states: decoding a request costs at most 5 bytes a pixel of MAX_PIXELS (160 MB)
+        assert peak_rss_mb(proc.pid) - baseline < 5 * serve.MAX_PIXELS / 2 ** 20, (baseline, peak_rss_mb(proc.pid))
+        # one client's poisoned request batched with another's: each answered alone
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for bad, status, reason in (("nan", 422, "returned NaN or infinite scores"),
+                                        ("raise", 500, "the reward raised UserCodeError")):
+                poisoned, fine = pool.submit(post, [bad, bad], pngs), pool.submit(post, ["a", "b"], pngs)
+                code, answer = poisoned.result()
+                assert code == status and reason in answer["detail"] and "scores" not in answer, answer
+                assert fine.result() == (200, {"scores": expected})
+        # a body that never ends: 408 after --body-timeout, while /health answers
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"prompts\"")
+            with urllib.request.urlopen(url + "/health", timeout=5) as answer:
+                assert answer.read() == b"ok"
+            assert slow.recv(200).startswith(b"HTTP/1.1 408")
+        # a worker that dies: its request fails, the worker is restarted, the server goes on
+        code, _ = post(["die"], pngs[:1])
+        assert code == 500
+        deadline = time.monotonic() + 120
+        while (answer := post(["a", "b"], pngs)) != (200, {"scores": expected}) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert answer == (200, {"scores": expected}) and proc.poll() is None
+        # SIGTERM to the server alone: every process it started ends with it
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, alive
+        output = proc.stdout.read()
+        assert "ready on http://127.0.0.1" in output and "Traceback" not in output, output[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(15)
+
+
+def test_ctrl_c_stops_the_reward_service_whole_without_tracebacks(tmp_path):
+    import psutil
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rewards.serve", "--reward", "brightness", "--port", str(port),
+                             "--accelerator", "cpu", "--devices", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parent)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc, 90)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to every process of the group
+        assert proc.wait(60) == 0
+        assert not psutil.wait_procs(family, timeout=30)[1]
+        output = proc.stdout.read()
+        assert "Traceback" not in output and output.count("\n") < 10, output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(15)
+
+
 def test_a_reward_service_that_is_down_stops_the_run_naming_the_url(tiny, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
@@ -3294,12 +3805,12 @@ def test_a_vlm_server_that_goes_down_mid_run_stops_it_and_resume_continues_exact
     assert same_lora(tmp_path / "cut", tmp_path / "full")
 
 
-def test_sigterm_while_vlm_requests_are_in_flight_stops_after_the_update(tiny, tmp_path, monkeypatch, capsys):
+def test_sigterm_while_vlm_requests_are_in_flight_stops_at_the_next_micro_step(tiny, tmp_path, monkeypatch, capsys):
     from examples import scripted_vlm as sv
 
     rule, answered = sv.rule, []
 
-    def rule_then_signal(content):  # the server (a thread of this process) sends SIGTERM during update 2
+    def rule_then_signal(content):  # the server (a thread of this process) sends SIGTERM in update 2's first micro-step
         answered.append(1)
         if len(answered) == 28 + 3:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -3309,8 +3820,9 @@ def test_sigterm_while_vlm_requests_are_in_flight_stops_after_the_update(tiny, t
     with scripted_vlm(latency=0.01) as (url, _):
         assert run(tiny, tmp_path / "cut", "--reward-url", url, "--reward-model", "scripted", "--max-steps", "4",
                    "--sample-every", "0", reward="vlm") == 143
-    assert "stopped by SIGTERM after update 2" in capsys.readouterr().err
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    # the micro-step in flight ends with its requests answered; update 2 is then dropped, update 1 saved
+    assert "stopped by SIGTERM after update 1" in capsys.readouterr().err
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
 def test_vlm_reward_runs_under_torchrun_as_in_one_process(tiny, tmp_path):
