@@ -25,6 +25,7 @@ beside this file in rewards/, features/ and generators/, one file each); 4. plum
 
 import argparse
 import contextlib
+import difflib
 import functools
 import hashlib
 import importlib
@@ -379,8 +380,9 @@ def train(args, stop_asked=()):
                                   weight_decay=args.weight_decay)
     field = {name: getattr(args, name) for name in FIELD}
     rng = torch.Generator().manual_seed(args.seed)  # all randomness of the loop: prompt order and noises
-    step, order = folder.start_or_resume(args, model, optimizer, rng, rank, world)
-    watch = args.eval_every and beside("eval").Watch(args, model, phi, reward, step, rank, world, stop_asked)
+    step, order, tracker = folder.start_or_resume(args, model, optimizer, rng, rank, world)  # tracker: --report-to
+    watch = args.eval_every and beside("eval").Watch(args, model, phi, reward, step, rank, world, stop_asked, tracker)
+    save = functools.partial(folder.save_outputs, args, model, optimizer, rng, order, watch, prompts, amp, tracker)
     n_micro, side = args.grad_accum * world, latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
 
@@ -388,7 +390,7 @@ def train(args, stop_asked=()):
     try:  # the bar and the folder's lock are released however the loop ends
         while step < args.max_steps:
             times, lap = stopwatch(device)  # seconds per phase of this update, logged in metrics.jsonl
-            log, start = {}, (rng.get_state(), list(order))  # the update's figures (add_to_log); where it starts
+            log, start = {"scores": [], "pos": [], "neg": []}, (rng.get_state(), list(order))  # its figures; its start
             for first in range(0, n_micro, world):  # grad_accum rounds of micro-steps, one per process side by side
                 if stop := any_process(stop_asked, world):  # a signal: drop this update, save the last whole one
                     break
@@ -405,7 +407,7 @@ def train(args, stop_asked=()):
                 order[:] = start[1]
                 optimizer.zero_grad(set_to_none=True)
                 if rank == 0:
-                    folder.save_outputs(args, model, optimizer, rng, order, step, stop, False, watch, prompts, amp)
+                    save(step, stop, False)
                 break
             log |= ranker.counts()  # a VLM's requests
             all_reduce_update(params, log, world)  # one process's share of the update -> all of it, on every process
@@ -417,19 +419,20 @@ def train(args, stop_asked=()):
             lap("optimizer")
             step += 1
             if rank == 0:
-                folder.write_metrics(Path(args.output_dir), step, log, grad_norm, optimizer, times, bar)
+                folder.write_metrics(Path(args.output_dir), step, log, grad_norm, optimizer, times, bar, tracker)
             try:
                 best = watch and watch(step)  # when due: held-out scores; True if the best so far (its snapshot saved)
             except Stopped:  # a signal cut the evaluation short: --resume evaluates this update first
                 best, stop = False, True
             if rank == 0:  # one writer
-                folder.save_outputs(args, model, optimizer, rng, order, step, stop, best, watch, prompts, amp)
+                save(step, stop, best)
             if stop:
                 break
         if stop and world > 1:
             dist.barrier()  # rank 0 has saved before any process leaves
     finally:
         bar.close()
+        tracker.close()
         if lock:
             lock.close()  # the folder is free for another run
     signum = (stop_asked or [signal.SIGTERM])[0] if stop else None
@@ -453,8 +456,7 @@ def run_device(device, precision, local_rank):
 
 
 def load_ranking(args, model, device, local_rank, amp):
-    """The training prompts, how a step ranks its candidates (a ranker: reward_ranker or pairs_ranker, unbound)
-    and the reward (None with --pairs), which the held-out evaluation scores with too."""
+    """The training prompts, each step's ranker (reward_ranker or pairs_ranker, unbound) and the reward (or None)."""
     side = latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
     if args.pairs:  # {prompt: (chosen paths, rejected paths)}, each image VAE-encoded once, kept in memory
         pairs = beside("rewards.pairs").read_pairs(args.pairs)
@@ -470,9 +472,8 @@ def load_ranking(args, model, device, local_rank, amp):
 
 
 def draw(rng, order, prompts, args, model, device, dtype):
-    """A micro-step's randomness, all from rng in a fixed order, so every process and a resumed run draw alike: B
-    prompts (from order, refilled with a fresh random order of all prompts each epoch), each prompt's K start noises
-    (and the sampler's fresh ones), their feature noise, and the feature noise of --pairs' anchors (else None)."""
+    """A micro-step's randomness, all from rng in a fixed order (every process and a resumed run draw alike): B prompts
+    (a fresh random order of all each epoch), their K noises each (start, fresh), feature noise, --pairs' anchors'."""
     B, K, shape = args.prompts_per_step, args.candidates, latent_shape(model, args.resolution)
     while len(order) < B:
         order += torch.randperm(len(prompts), generator=rng).tolist()
@@ -483,29 +484,23 @@ def draw(rng, order, prompts, args, model, device, dtype):
     return batch, z, feat_noise, anchors
 
 
-STATS = ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates")
-
-
 def add_to_log(log, stats, ranking, gen, K, n_micro):
-    """A micro-step's figures into the update's log: its scores, and STATS (the field's statistics and the
-    candidates' diversity, spread) as means over the update's n_micro micro-steps."""
+    """A micro-step's figures into the update's log: its scores (all, the positives', the negatives'), the field's
+    statistics and the candidates' diversity (spread), these as means over the update's n_micro micro-steps."""
     pos_idx, neg_idx, scores = ranking
-    for key in ("scores", "pos", "neg"):  # kept for the logs: all scores, the positives' and the negatives'
-        log.setdefault(key, [])
     if scores is not None:
         log["scores"].append(scores.flatten())
         log["pos"].append(scores.gather(1, pos_idx).flatten())
         log["neg"].append(scores.gather(1, neg_idx).flatten())
     samples = {k: v.unflatten(1, (K, -1)).flatten(0, 1) for k, v in gen.items()}  # (B*K, T, D): sample by sample
     stats["spread_candidates"] = spread(samples, K).mean().item()
-    for k in STATS:
+    for k in ("loss_pref", "loss_ref", "field_rms", "dist_pos", "dist_neg", "dist_ref", "spread_candidates"):
         log[k] = log.get(k, 0.0) + stats[k] / n_micro
 
 
 def check_update(log, grad_norm, params, step, out):
-    """Stop the run at an update whose field (the preference or the reference term's), gradient or new LoRA weights
-    hold NaN or infinity, before anything of it is written: the last checkpoint and its LoRA stay as they were. One
-    bad micro-step stops the run (none is skipped): the cause is rarely one that goes away by itself."""
+    """Stop the run at an update whose field (preference or reference term), gradient or new LoRA weights are NaN or
+    infinite, before anything of it is written. One bad micro-step stops the run: its cause rarely goes away."""
     terms = [term for term, key in (("preference", "loss_pref"), ("reference", "loss_ref"))
              if not math.isfinite(log[key])]
     if terms:
@@ -827,8 +822,7 @@ REWARDS = {
         p.get("geneval_metadata"), device, p.get("geneval_detector"), p.get("geneval_clip"), dtype),
     "brightness": lambda *_: brightness_reward, "jpeg": lambda *_: jpeg_reward, "random": lambda *_: random_reward,
     "vlm": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p),  # a VLM server ranks (OpenAI protocol)
-    "vlm-rating": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p, mode="rating"),
-}
+    "vlm-rating": lambda device, dtype, p: beside("rewards.vlm").vlm_reward(**p, mode="rating")}
 
 
 # Weight files of the ported rewards: load_reward keyword (and --flag) -> what it is.
@@ -968,6 +962,7 @@ MODEL_ALIASES = {"sd-turbo": "stabilityai/sd-turbo", "sdxl-turbo": "stabilityai/
                  "flux-schnell": "black-forest-labs/FLUX.1-schnell",
                  "sd3.5-large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo"}
 TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sana": "sana-sprint", "tiny-flux": "flux", "tiny-sd3": "sd3"}
+TINY_STAND_IN = {"tiny-flux": "flux-schnell", "tiny-sd3": "sd3.5-large-turbo"}  # whose model card settings they take
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FAMILIES = {"SanaSprintPipeline": "generators.sana", "FluxPipeline": "generators.flux",  # pipeline class -> file
             "StableDiffusion3Pipeline": "generators.sd3"}
@@ -975,17 +970,17 @@ TURBO_SIDE = 512  # SDXL-Turbo's trained image side, although its UNet config sa
 
 
 def resolve_model(model):
-    """--model (an alias, a hub id or a folder) -> what from_pretrained takes. Local paths are
-    checked here; `tiny` / `tiny-sdxl` are built into the user's cache on first use."""
+    """--model (an alias, a hub id or a folder) -> what from_pretrained takes; tiny* are built into the cache once."""
     if model in TINY_MODELS:
         return str(beside("examples.tiny_model").cached(TINY_MODELS[model]))
-    path = MODEL_ALIASES.get(model, model)
-    local = Path(path).expanduser()
+    local = Path(path := MODEL_ALIASES.get(model, model)).expanduser()  # path: a hub id or a folder
     if (local / "model_index.json").is_file():
         return str(local)
-    if not local.exists() and not path.startswith((".", "/", "~")):
-        return path  # a hub id
-    problem = "is a file" if local.is_file() else "is not a diffusers pipeline" if local.exists() else "no such folder"
+    if not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return path  # a hub id, owner/name
+    near = "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(model, [*MODEL_ALIASES, *TINY_MODELS], 1))
+    missing = "no such folder" + ("" if "/" in model else f"{near}; DMD2, Lightning: docs/models.md")  # a bare name
+    problem = "is a file" if local.is_file() else "is not a diffusers pipeline" if local.exists() else missing
     raise FileNotFoundError(f"--model {model}: {problem}. Pass a diffusers pipeline folder (the one "
                             f"`pipe.save_pretrained` writes, with model_index.json), a hub id, or an alias: "
                             f"{', '.join([*MODEL_ALIASES, *TINY_MODELS])} (`tiny`: the offline demo model)")
@@ -1028,6 +1023,8 @@ def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timeste
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
+    if model in TINY_STAND_IN:  # a tiny model samples with its real model's card settings (steps, tokens)
+        pipe.register_to_config(_name_or_path=MODEL_ALIASES[TINY_STAND_IN[model]])
     return (beside(FAMILIES[name]).generator if name in FAMILIES else unet_generator)(pipe.to(device), steps, timesteps)
 
 
@@ -1181,8 +1178,7 @@ def deferred_signals():
 
 @contextlib.contextmanager
 def explain_out_of_memory(lap, device, out):
-    """A GPU out-of-memory error in the block becomes a message that names the phase it happened in
-    and the remedies that leave the update unchanged."""
+    """An out-of-GPU-memory error in the block: a message naming its phase and the remedies that keep the update."""
     try:
         yield
     except torch.OutOfMemoryError as e:
@@ -1229,18 +1225,18 @@ def atomic_write(path, write):
 
 
 def check_model(model, resolution=None, steps=None, timesteps=None, features=None, layers=None):
-    """The settings that depend on the architecture, checked on --model's configs only (a few kB, no weights)."""
+    """The settings that depend on the architecture, on --model's configs only (no weights); returns its steps."""
     import diffusers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     path, name = model_class(model)
     if steps and timesteps and steps != len(timesteps):
         raise ValueError(f"--inference-steps {steps} and --timesteps {','.join(map(str, timesteps))} ({len(timesteps)} "
                          f"steps) disagree; give one of them")
-    if name in FAMILIES:
-        return beside(FAMILIES[name]).check_model(path, resolution, steps, timesteps, features, layers)
+    if name in FAMILIES:  # a tiny stand-in takes its real model's card settings (TINY_STAND_IN)
+        return beside(FAMILIES[name]).check_model(path, resolution, steps, timesteps, features, layers,
+                                                  MODEL_ALIASES.get(TINY_STAND_IN.get(model), path))
     try:
-        unet, vae, scheduler = (c.load_config(path, subfolder=f) for c, f in (
-            (UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (DDPMScheduler, "scheduler")))
+        unet, vae, scheduler = (getattr(diffusers, c).load_config(path, subfolder=f) for c, f in (
+            ("UNet2DConditionModel", "unet"), ("AutoencoderKL", "vae"), ("DDPMScheduler", "scheduler")))
     except (OSError, ValueError) as e:
         raise model_error(model, path, e) from e
     T = scheduler["num_train_timesteps"]
@@ -1264,6 +1260,7 @@ def check_model(model, resolution=None, steps=None, timesteps=None, features=Non
         if not any(layer == b or layer.startswith(b + ".") for b in blocks):
             raise ValueError(f"--teacher-layers: {layer!r} is not a block of this UNet; use mid_block, "
                              f"down_blocks.I or up_blocks.I with I in {-n}..{n - 1}")
+    return steps or len(timesteps or [1])
 
 
 def check_reward_paths(a, rewards):
@@ -1295,6 +1292,7 @@ def check_args(args, world=1):
             (("radii", "ref_radii"), lambda v: v and all(r > 0 for r in v), "positive numbers, e.g. 0.02,0.05,0.2")):
         for name in (n for n in names if not ok(a[n])):
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {a[name]}")
+    resolve_model(args.model)  # a misspelt --model is said at once, before the slower checks import diffusers
     if args.n_pos + args.n_neg > args.candidates:
         raise ValueError(f"--n-pos {args.n_pos} + --n-neg {args.n_neg} exceeds --candidates {args.candidates}: "
                          f"positives and negatives must be disjoint candidates")
@@ -1325,8 +1323,8 @@ def check_args(args, world=1):
     if args.features == "mae":
         beside("features.mae").check_ckpt(args.mae_ckpt)
     read_prompts(args.prompts)
-    check_model(args.model, args.resolution, args.inference_steps, args.timesteps, args.features, args.teacher_layers)
-    n = args.inference_steps or len(args.timesteps or [1])  # the sampler's steps
+    n = check_model(args.model, args.resolution, args.inference_steps, args.timesteps, args.features,
+                    args.teacher_layers)  # the sampler's steps
     if (args.grad_steps or 1) > n:
         raise ValueError(f"--grad-steps {args.grad_steps} exceeds the sampler's {n} step(s); give at most {n}, or "
                          f"drop it")
@@ -1459,6 +1457,8 @@ def build_parser():
                    "refused if a setting that shapes the run changed (docs/running.md)")
     g.add_argument("--force", action="store_true", help="with --resume: continue anyway, recorded in config.json")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a non-empty --output-dir")
+    g.add_argument("--report-to", choices=("tensorboard", "wandb"), help="also log metrics and images there "
+                   "(pip install tensorboard or wandb; W&B offline: WANDB_MODE=offline; docs/running.md)")
     g = p.add_argument_group("held-out evaluation (docs/running.md, \"Watching a run\")")
     g.add_argument("--eval-every", type=int, help="every N updates, score fixed held-out (prompt, seed) images as "
                    "eval.py does (the base at update 0), best in loras/best; 0 = off (default: 25; with --pairs 0)")

@@ -38,6 +38,8 @@ images/ the images judged. Alone, it scores no rewards unless --reward is given.
 import argparse
 import csv
 import errno
+import functools
+import io
 import itertools
 import json
 import math
@@ -231,9 +233,10 @@ class Watch:
     gathers them, appends a metrics.jsonl line and keeps loras/best. The base is scored once per (re)start and
     logged at update 0. Nothing here draws from the training's random state. A stop signal (stop_asked, drpo's
     deferred_signals) cuts an evaluation short between prompts (drpo.Stopped); a resumed run evaluates that update
-    first, so its metrics are the uninterrupted run's."""
+    first, so its metrics are the uninterrupted run's. Beside the rewards, each image's statistics (ImageStats) are
+    logged as eval/drift/NAME; one that moves far from the base's says so once (warning signs, docs/running.md)."""
 
-    def __init__(self, args, model, phi, reward, step, rank, world, stop_asked=()):
+    def __init__(self, args, model, phi, reward, step, rank, world, stop_asked=(), tracker=None):
         device = drpo.reward_device_of(args.reward_device, model.net.device, int(os.environ.get("LOCAL_RANK", 0)))
         paths = drpo.reward_options(args)
         self.args, self.model, self.phi, self.rank, self.world, self.out = args, model, phi, rank, world, \
@@ -244,13 +247,15 @@ class Watch:
                                   drpo.precision_dtype(args.reward_precision, device),
                                   geneval_metadata=args.eval_prompts, **paths)
         self.first, self.best, self.last = f"eval/{next(iter(self.metrics))}", (None, -math.inf), None
-        self.stop_asked = stop_asked
+        self.metrics |= ImageStats().metrics  # drift/NAME, scored like a reward
+        self.stop_asked, self.tracker, self.warned = stop_asked, tracker, set()
         with drpo.lora_off(model.net):
-            self.base = self.score(stoppable=False)
+            self.base = self.score("the base", stoppable=False)
         if step == 0:
             self.log(0, self.base)
             return
         rows = [row for row in drpo.beside("run_folder").read_metrics(self.out / "metrics.jsonl") if self.first in row]
+        self.warned = {k for row in rows for k in row.get("warnings", {})}  # said once, over a resume too
         if rank == 0 and rows:  # resumed: the best of the updates logged so far
             top = max(rows, key=lambda row: row[self.first])  # the first of equals, as during the run
             self.best, self.last = (top["step"], top[self.first]), rows[-1]
@@ -261,15 +266,25 @@ class Watch:
     def due(self, step):
         return step % self.args.eval_every == 0 or step == self.args.max_steps
 
-    def score(self, stoppable=True):
+    def score(self, what, stoppable=True):
         """({metric: (prompts * seeds,)}, (prompts,) spreads or None), every process's share gathered on all."""
+        from tqdm import tqdm
+        mine = self.prompts[self.rank::self.world]
+        bar = tqdm(total=len(mine), desc=f"held-out evaluation of {what}", leave=False, dynamic_ncols=True,
+                   disable=self.rank != 0)
+        self.images = []
+
         def each(i, images):
             if stoppable and self.stop_asked:
                 raise drpo.Stopped(f"a stop signal during the held-out evaluation of {self.args.output_dir}")
+            self.images += images[:1] if i < self.args.grid_prompts else []  # the first seed: the tracker's grid
+            bar.update(1)
         cuda = [self.model.net.device] if self.model.net.device.type == "cuda" else []
-        with drpo.all_or_none(self.world), torch.random.fork_rng(devices=cuda):
-            mine = heldout_scores(self.model, self.prompts[self.rank::self.world], self.noises, self.metrics, self.phi,
-                                  each)
+        try:
+            with drpo.all_or_none(self.world), torch.random.fork_rng(devices=cuda):
+                mine = heldout_scores(self.model, mine, self.noises, self.metrics, self.phi, each)
+        finally:
+            bar.close()
         if self.world == 1:
             return mine
         shares = [None] * self.world
@@ -287,7 +302,7 @@ class Watch:
     def __call__(self, step):
         """Every --eval-every updates and at the last, evaluate the LoRA of this update; True on rank 0 when it is the
         best so far (its snapshot then saved)."""
-        return self.due(step) and self.log(step, self.score())
+        return self.due(step) and self.log(step, self.score(f"update {step}"))
 
     def log(self, step, result):
         scores, spreads = result
@@ -296,17 +311,82 @@ class Watch:
         row = {"step": step}
         for m, s in scores.items():
             row[f"eval/{m}"], row[f"eval/{m}_gain"] = s.mean().item(), (s - self.base[0][m]).mean().item()
+            if not step and m.startswith("drift/"):  # the spread over the base's images its warnings measure against
+                row[f"eval/{m}_spread"] = s.std().item()
         if spreads is not None:
             row["eval/spread_seeds"] = spreads.mean().item()
             row["eval/spread_seeds_vs_base"] = (spreads.mean() / self.base[1].mean().clamp_min(1e-12)).item()
+        if step and (signs := self.warning_signs(row)):
+            from tqdm import tqdm
+            row["warnings"] = signs
+            for sign in signs.values():
+                tqdm.write(f"warning: {sign}", file=sys.stderr)  # where the bars are
         best = row[self.first] > self.best[1]
         self.best = (step, row[self.first]) if best else self.best
         self.last = {**row, "best_step": self.best[0]}
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(self.last) + "\n")
+        if self.tracker:
+            self.tracker.log(self.last, step)
+            shown = self.prompts[::self.world][:len(self.images)]  # rank 0's first prompts, their first seed
+            self.tracker.image("eval/images", image_grid(self.images, 1, shown, (f"update {step}",),
+                                                         random_model_note(self.args.model)), step)
         if best:
             save_snapshot(self.out, self.model, self.args, step, self.last, best=True)
         return best
+
+    def warning_signs(self, row):
+        """{statistic: what it says}, once per statistic and run: an image statistic whose mean moved more than
+        DRIFT_WARN of its spread over the base's images, or a diversity fallen below SPREAD_WARN of the base's."""
+        signs = {}
+        for m in (m for m in self.metrics if m.startswith("drift/")):
+            spread = self.base[0][m].std().item()
+            if abs(row[f"eval/{m}_gain"]) > DRIFT_WARN * spread and m not in self.warned:
+                signs[m] = (f"update {row['step']}: the held-out images' {m[6:]} moved {row[f'eval/{m}_gain']:+.3g} "
+                            f"from the base's, {abs(row[f'eval/{m}_gain']) / max(spread, 1e-12):.1f}x its spread "
+                            f"over the base's images: look at them for reward hacking (docs/running.md)")
+        if row.get("eval/spread_seeds_vs_base", 1) < SPREAD_WARN and "spread" not in self.warned:
+            signs["spread"] = (f"update {row['step']}: the held-out images' diversity over seeds fell to "
+                               f"{row['eval/spread_seeds_vs_base']:.2f} of the base's: a collapse onto one look?")
+        self.warned |= set(signs)
+        return signs
+
+
+DRIFT_WARN, SPREAD_WARN = 1.0, 0.5  # see docs/running.md, "Warning signs"
+
+
+class ImageStats:
+    """Statistics of images that a reward may not measure, each a metric (images, prompts) -> (n,) tensor named
+    drift/NAME; the statistics of a call's images are computed once for all of them."""
+    NAMES = ("brightness", "saturation", "contrast", "dark_fraction", "bright_fraction", "edge_density",
+             "colour_entropy", "jpeg_kb")
+
+    def __init__(self):
+        self.images, self.values = None, None
+        self.metrics = {f"drift/{name}": functools.partial(self.statistic, name) for name in self.NAMES}
+
+    def statistic(self, name, images, prompts):
+        if images is not self.images:
+            self.images, self.values = images, [image_statistics(im) for im in images]
+        return torch.tensor([v[name] for v in self.values], dtype=torch.float64)
+
+
+def image_statistics(image):
+    """One image's: mean luma (brightness), HSV saturation, luma's standard deviation (contrast), the fractions of
+    pixels darker than 0.1 and brighter than 0.9, the fraction of pixels on an edge (luma gradient above 0.1), the
+    entropy in bits of an 8x8x8 colour histogram, and its size as a JPEG of quality 75 in kB (complexity)."""
+    import numpy as np
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    luma, top, low = rgb @ np.array([0.299, 0.587, 0.114]), rgb.max(-1), rgb.min(-1)
+    edges = np.abs(np.diff(luma, axis=0))[:, :-1] + np.abs(np.diff(luma, axis=1))[:-1]
+    counts = np.histogramdd(rgb.reshape(-1, 3), bins=8, range=[(0, 1)] * 3)[0].ravel()
+    p = counts[counts > 0] / counts.sum()
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=75)
+    return {"brightness": luma.mean(), "saturation": ((top - low) / np.maximum(top, 1e-8)).mean(),
+            "contrast": luma.std(), "dark_fraction": (luma < 0.1).mean(), "bright_fraction": (luma > 0.9).mean(),
+            "edge_density": (edges > 0.1).mean(), "colour_entropy": -(p * np.log2(p)).sum(),
+            "jpeg_kb": buf.tell() / 1000}
 
 
 PAIRWISE_VLM = ("it ranks each prompt's images against the first of them, so its mean is about 0.5 for any model "
@@ -384,14 +464,33 @@ def sample_images(model, prompts, noises):
     return drpo.to_pil(drpo.decode(model.pipe.vae, sample(model, prompts, noises)[0]))
 
 
-def image_grid(images, cols):
-    """Paste equally sized PIL images row by row into one image, cols per row."""
-    from PIL import Image
+def image_grid(images, cols, rows=(), columns=(), note=None):
+    """Paste equally sized PIL images row by row into one image, cols per row, labelled: each row's name (a prompt,
+    shortened) in a band on the left, each column's (a noise, a model, an update) in a band on top, and a note
+    (e.g. that the model has random weights) in a band below."""
+    from PIL import Image, ImageDraw, ImageFont
     w, h = images[0].size
-    grid = Image.new("RGB", (w * cols, h * math.ceil(len(images) / cols)))
+    font = ImageFont.load_default(size=12)
+    left, top, bottom = 150 * bool(rows), 18 * bool(columns), 18 * bool(note)
+    width = max(left + w * cols, math.ceil(font.getlength(note or "")) + 8)  # the note fits
+    grid = Image.new("RGB", (width, top + h * math.ceil(len(images) / cols) + bottom), "white")
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        grid.paste(im, (left + (i % cols) * w, top + (i // cols) * h))
+    for r, name in enumerate(rows):
+        draw.text((4, top + r * h + h // 2), name if len(name) <= 24 else name[:23] + "…", fill="black", font=font,
+                  anchor="lm")
+    for c, name in enumerate(columns):
+        draw.text((left + c * w + w // 2, top // 2), str(name)[:max(4, w // 7)], fill="black", font=font, anchor="mm")
+    if note:
+        draw.text((4, grid.height - bottom // 2), note, fill="firebrick", font=font, anchor="lm")
     return grid
+
+
+def random_model_note(model):
+    """What a grid of a tiny random model (examples/tiny_model.py marks its folders) should say about its images."""
+    marked = (Path(drpo.resolve_model(model)) / "RANDOM_WEIGHTS.txt").is_file()
+    return "random weights: coloured noise, not pictures" if marked else None
 
 
 def model_card(args, model, step, heldout, folder):
@@ -576,7 +675,7 @@ def plot_curves(runs, path):
             train_ax.plot(col["step"], col["dist_pos"], label=f"{run.name}: chosen")
             train_ax.plot(col["step"], col["dist_neg"], "--", label=f"{run.name}: rejected")
         names = [k for k in (held[0] if held else ()) if k.startswith("eval/") and not k.endswith("_gain")
-                 and not k.startswith("eval/spread")]
+                 and not k.startswith(("eval/spread", "eval/drift/"))]  # the rewards (drift/: metrics.jsonl)
         for k in names:
             eval_ax.plot([r["step"] for r in held], [r[k] for r in held], marker=".", label=f"{run.name}: {k[5:]}")
         if "spread_candidates" in col:
@@ -756,6 +855,7 @@ def evaluate(args):
     scores, grid = {r: {} for r in rewards}, []
     bar = tqdm(total=(1 + len(labels)) * len(prompts), desc="eval", dynamic_ncols=True)
     for label, folder in [("base", None), *labels.items()]:
+        bar.set_description(f"eval: sampling and scoring {label}")  # what it is doing, model by model
         def each(i, images):
             if args.judge:  # kept on disk for the judge (and for looking at what it judged)
                 (out / "images" / label).mkdir(parents=True, exist_ok=True)
@@ -792,7 +892,8 @@ def evaluate(args):
                 for j, s in enumerate(seeds):
                     w.writerow([label, i, s, prompt, *(scores[r][label][i * len(seeds) + j].item() for r in rewards)])
     grid.sort(key=lambda g: g[0])  # rows: prompts; columns: base, then each LoRA
-    image_grid([im for _, _, im in grid], 1 + len(labels)).save(out / "grid.png")
+    image_grid([im for _, _, im in grid], 1 + len(labels), prompts[:args.grid_prompts], ["base", *labels],
+               random_model_note(args.model)).save(out / "grid.png")
     if args.snapshots and rewards:
         plot_steps(summary, out / "steps.png")
     tables = [markdown_table(summary) if rewards else None, tasks_table(results["geneval"]) if args.geneval else None,
@@ -816,6 +917,10 @@ def plot_steps(summary, path):
         lo = [0] + [v["diff_vs_base"] - v["ci95"][0] for _, v in points]
         hi = [0] + [v["ci95"][1] - v["diff_vs_base"] for _, v in points]
         ax.errorbar(steps, means, yerr=[lo, hi], marker="o", capsize=3)
+        best = max(range(len(means)), key=lambda i: means[i])
+        ax.plot(steps[best], means[best], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                linestyle="none", label=f"best: update {steps[best]}")
+        ax.legend(fontsize=8)
         ax.set(title=f"held-out {r}", xlabel="update")
     fig.tight_layout()
     drpo.atomic_write(path, lambda p: fig.savefig(p, format="png"))

@@ -9,15 +9,18 @@
   one save newer; --resume rewrites the LoRA and card from the checkpoint and removes what the cut save left.
 - What --resume compares: every setting that shapes the run (all but RESUME_FREE), the sha256 of the prompts or
   pairs file, and the micro-steps per update; config.json must be whole (--force continues anyway, recorded).
-- After each update (save_outputs): metrics.jsonl, the LoRA snapshot, the sample grid, curves.png, the checkpoint.
+- After each update (save_outputs): metrics.jsonl, the LoRA snapshot, the sample grid, curves.png, the checkpoint;
+  with --report-to, the same metrics and pictures in TensorBoard or W&B as well (Tracker).
 """
 import contextlib
 import errno
+import importlib
 import io
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +65,7 @@ RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lo
                "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
                "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
                "prompts", "pairs",  # where the file lies; its content is data_sha256
+               "report_to",  # where the metrics are shown as well
                "forced_changes", *drpo.REWARD_PATHS, "reward_url", "reward_api_key_env", "reward_concurrency",
                "reward_timeout", "reward_retry"}  # a served reward's address and patience
 
@@ -109,7 +113,7 @@ def read_metrics(path):
 
 
 def start_or_resume(args, model, optimizer, rng, rank, world):
-    """(step, prompt order) to start from. A new run clears what an earlier attempt left (check_args refuses a
+    """(step, prompt order, Tracker) to start from. A new run clears what an earlier attempt left (check_args refuses a
     folder with anything else); --resume loads the LoRA, the optimizer and the loop's random state from the
     checkpoint, drops the metrics and snapshots after it, and rewrites the LoRA and its card from it (a save cut
     between them and the checkpoint leaves them one save newer). Leftovers of a cut save are removed."""
@@ -136,12 +140,81 @@ def start_or_resume(args, model, optimizer, rng, rank, world):
                 drpo.save_lora(model, out, ev.model_card(args, model, step, heldout, out))
         else:  # nothing of an earlier attempt may be resumed or shown as this run's
             for stale in ("checkpoint.pt", "checkpoint.prev.pt", "pytorch_lora_weights.safetensors", "README.md",
-                          "metrics.jsonl"):
+                          "metrics.jsonl", WANDB_ID):
                 (out / stale).unlink(missing_ok=True)
-            shutil.rmtree(out / "loras", ignore_errors=True)
+            for stale in ("loras", "tensorboard", "wandb"):
+                shutil.rmtree(out / stale, ignore_errors=True)
         drpo.atomic_write(out / "config.json", lambda p: p.write_text(json.dumps({**vars(args), "world_size": world},
                                                                                indent=2)))
-    return step, order
+    return step, order, Tracker(args, out, step, rank)
+
+
+WANDB_ID = "wandb-run-id"  # the W&B run a resumed run continues
+
+
+class Tracker:
+    """--report-to: every metrics.jsonl row as scalars (nested dicts as NAME/KEY, warnings as text) and the pictures,
+    in TensorBoard (OUT/tensorboard) or W&B (OUT/wandb, project $WANDB_PROJECT or "drpo"; the config, and the model
+    card at the end). A resumed run continues the same run: TensorBoard drops what was logged after the checkpoint
+    (purge_step), W&B resumes the run whose id is in OUT/wandb-run-id. Without --report-to, or on ranks > 0, every
+    call does nothing."""
+
+    def __init__(self, args, out, step, rank):
+        self.out, self.tb, self.wandb = out, None, None
+        if rank == 0 and args.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+        elif rank == 0 and args.report_to == "wandb":
+            import wandb
+            run_id = (out / WANDB_ID).read_text().strip() if step and (out / WANDB_ID).is_file() else None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "drpo"), name=out.name, dir=str(out),
+                                    id=run_id, resume="allow", config=vars(args))
+            (out / WANDB_ID).write_text(self.wandb.id)
+
+    def __bool__(self):  # something to log to
+        return bool(self.tb or self.wandb)
+
+    def log(self, row, step):
+        flat = dict(flat_row(row))
+        for key, value in flat.items() if self.tb else ():
+            self.tb.add_text(key, value, step) if isinstance(value, str) else self.tb.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(flat, step=step)
+
+    def image(self, tag, image, step):
+        if self.tb:
+            import numpy as np
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self.wandb:
+            import wandb
+            self.wandb.log({tag: wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            if (self.out / "README.md").is_file():
+                self.wandb.save(str(self.out / "README.md"), base_path=str(self.out), policy="now")  # the card
+            self.wandb.finish()
+
+
+def flat_row(row, prefix=""):
+    """(NAME, value) of a metrics row's numbers and texts, nested dicts as NAME/KEY (the step is the x-axis)."""
+    for key, value in row.items():
+        if isinstance(value, dict):
+            yield from flat_row(value, f"{prefix}{key}/")
+        elif key != "step" and (isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+            yield prefix + key, value
+
+
+def check_report_to(args):
+    """--report-to's package, checked before any model loads."""
+    if args.report_to:
+        try:
+            importlib.import_module(args.report_to)  # the package is named as the flag's value
+        except ImportError:
+            raise ImportError(f"--report-to {args.report_to} needs the {args.report_to} package: pip install -r "
+                              f"requirements-track.txt (or pip install {args.report_to}), or leave it out") from None
 
 
 def snapshot_step(folder):
@@ -194,6 +267,7 @@ def check_output_dir(args, out, world):
     """--output-dir belongs to one run. --resume needs the run's checkpoint, config.json and metrics.jsonl whole and
     its settings unchanged (--force: recorded in config.json). A new run (or --resume with no checkpoint) starts in
     an empty folder, or in one that holds only an earlier attempt of itself that saved nothing, or with --overwrite."""
+    check_report_to(args)
     held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if args.resume and {"checkpoint.pt", "checkpoint.prev.pt"} & set(held):  # (a lone prev: load says how to use it)
         load_checkpoint(out / "checkpoint.pt")  # damaged or foreign: said now, before any model loads
@@ -210,8 +284,9 @@ def check_output_dir(args, out, world):
                              + "\n  ".join(args.forced_changes) + "\nResume with the run's settings, start a new run "
                              "in another --output-dir, or add --force if you mean to change them")
         return
-    own_start = set(held) <= {"config.json", "metrics.jsonl", "curves.png", "samples"} and not changed_settings(
-        read_json(out / "config.json"), args, world) if "config.json" in held else not held
+    attempt = {"config.json", "metrics.jsonl", "curves.png", "samples", "tensorboard", "wandb", WANDB_ID}
+    own_start = set(held) <= attempt and not changed_settings(read_json(out / "config.json"), args, world) \
+        if "config.json" in held else not held
     if held and not own_start and not args.overwrite:
         raise FileExistsError(f"--output-dir {out} holds {', '.join(held[:4])}{', ...' * (len(held) > 4)}" + (
             ", but no checkpoint to resume from" if args.resume else " (another run?)") + ": a new run would replace "
@@ -230,7 +305,7 @@ def changed_settings(old, args, world):
     return changes
 
 
-def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
+def write_metrics(out, step, log, grad_norm, optimizer, times, bar, tracker):
     """drpo.py's metrics.jsonl line of an update, and the progress bar's live figures: those that move when DrPO
     learns. The regression losses are mean(V^2) of fields normalized per radius, so they stay in a narrow band
     whatever the reward does (docs/running.md)."""
@@ -241,19 +316,21 @@ def write_metrics(out, step, log, grad_norm, optimizer, times, bar):
     metrics = {"step": step, **ranked, **log, "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                "seconds": sum(times.values()), "phases_s": times}
     if len(scores) and scores.min() == scores.max() and not getattr(bar, "said_gap", False):
-        bar.said_gap = metrics["warning"] = (f"update {step}: every candidate got the same score, so the reward "
-                                             f"ranks nothing and the field has nothing to follow; check the reward")
-        bar.write(f"warning: {metrics['warning']}")
+        bar.said_gap = f"update {step}: every candidate got the same score, so the reward ranks nothing and the " \
+                       f"field has nothing to follow; check the reward"
+        metrics["warnings"] = {"reward": bar.said_gap}
+        bar.write(f"warning: {bar.said_gap}", file=sys.stderr)
     with open(out / "metrics.jsonl", "a") as f:  # strict JSON: NaN and infinities as null
         f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
                             for k, v in metrics.items()}) + "\n")
+    tracker.log(metrics, step)
     bar.update(1)
     shown = ({"reward": f"{metrics['reward_mean']:.4g}±{metrics['reward_std']:.2g}"} if len(scores) else
              {"chosen": f"{metrics['dist_pos']:.4g}", "rejected": f"{metrics['dist_neg']:.4g}"})
     bar.set_postfix(**shown, gap=f"{metrics['gap']:.3g}", dist_ref=f"{metrics['dist_ref']:.4g}")
 
 
-def save_outputs(args, model, optimizer, rng, order, step, stop, saved, watch, prompts, amp):
+def save_outputs(args, model, optimizer, rng, order, watch, prompts, amp, tracker, step, stop, saved):
     """What drpo.py's rank 0 writes after an update: the LoRA snapshot (unless the held-out evaluation has just saved
     it as the best), the sample grid, curves.png, and the checkpoint with the LoRA and its card (docs/running.md)."""
     out, last = Path(args.output_dir), step == args.max_steps
@@ -263,9 +340,12 @@ def save_outputs(args, model, optimizer, rng, order, step, stop, saved, watch, p
     if args.sample_every and (step % args.sample_every == 0 or last):
         noises = torch.randn((args.grid_noises, drpo.noise_draws(model.recipe), *drpo.latent_shape(
             model, args.resolution)), generator=torch.Generator().manual_seed(args.seed + 1))
-        grid = ev.image_grid(amp(ev.sample_images)(model, prompts[:args.grid_prompts], noises), len(noises))
+        shown = prompts[:args.grid_prompts]
+        grid = ev.image_grid(amp(ev.sample_images)(model, shown, noises), len(noises), shown, [
+            f"update {step}, noise {i}" for i in range(len(noises))], ev.random_model_note(args.model))
         (out / "samples").mkdir(exist_ok=True)
         drpo.atomic_write(out / "samples" / f"step_{step:06d}.png", lambda p: grid.save(p, format="PNG"))
+        tracker.image("samples", grid, step)
     if stop or last or (args.sample_every and step % args.sample_every == 0):
         ev.plot_curves([out], out / "curves.png")  # the curves eval.py --curves draws
     if stop or step % args.save_every == 0 or last:

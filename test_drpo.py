@@ -1168,9 +1168,9 @@ def test_tiny_alias_builds_the_demo_model_once_into_the_cache(tmp_path, monkeypa
     make_tiny = tiny_model.make_tiny
     monkeypatch.setattr(tiny_model, "make_tiny", lambda d, **kw: built.append(d) or make_tiny(d, **kw))
     path = drpo.resolve_model("tiny")
-    assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v1" and len(built) == 1
+    assert Path(path) == tmp_path / "cache" / "drpo" / "tiny-sd-v2" and len(built) == 1
     assert drpo.resolve_model("tiny") == path and len(built) == 1  # reused, not rebuilt
-    assert sorted(p.name for p in (tmp_path / "cache" / "drpo").iterdir()) == ["tiny-sd-v1"]  # no leftovers
+    assert sorted(p.name for p in (tmp_path / "cache" / "drpo").iterdir()) == ["tiny-sd-v2"]  # no leftovers
     pipe = drpo.load_generator("tiny").pipe
     assert tuple(pipe.unet.config.block_out_channels) == (32, 64)  # the tiny UNet, through the SD loading code
 
@@ -1343,6 +1343,11 @@ def test_resume_refuses_changed_settings_before_loading_and_force_records_them(t
     err = capsys.readouterr().err
     assert "candidates: 8 -> 12" in err and "--force" in err
     assert "max_steps" not in err  # settings that do not shape the run may change
+    import argparse
+
+    import run_folder
+    saved = json.loads((out / "config.json").read_text())  # so may where the metrics are shown
+    assert run_folder.changed_settings(saved, argparse.Namespace(**{**saved, "report_to": "wandb"}), 1) == []
     monkeypatch.setattr(drpo, "load_generator", real)
     # 2 processes x accumulation 1 = 1 x 2: the same run; accumulation 4 is not
     assert run(tiny, out, "--max-steps", "2", "--sample-every", "0", "--grad-accum", "4", "--resume") == 2
@@ -2549,6 +2554,7 @@ def test_torchrun_splits_the_heldout_eval_over_processes_and_changes_no_update(t
     two, one = held_rows(tmp_path / "watched"), held_rows(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 2, 3]
     for a, b in zip(one, two):  # every prompt scored once, in its place
+        assert a.pop("warnings", {}).keys() == b.pop("warnings", {}).keys()  # the same warning signs
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
@@ -2662,6 +2668,158 @@ def test_pairs_run_without_an_eval_reward_has_no_heldout_eval(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- pictures ----------------
+
+def test_labelled_grids_grow_by_their_label_bands_and_say_when_the_model_is_random(tiny, tmp_path):
+    import eval as ev
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 48), c) for c in ("red", "green", "blue", "gray", "olive", "navy")]
+    bare = ev.image_grid(images, 3)
+    grid = ev.image_grid(images, 3, ["a prompt", "a much longer prompt that is shortened"], ["base", "lora", "x"],
+                         ev.random_model_note(tiny))
+    assert bare.size == (3 * 64, 2 * 48)
+    assert grid.size == (bare.width + 150, bare.height + 18 + 18)  # a row band on the left, column band, note band
+    ink = lambda box: any(lo < hi for lo, hi in grid.crop(box).getextrema())  # noqa: E731 (not flat: text drawn)
+    assert ink((0, 18, 150, 18 + 48)) and ink((150, 0, 150 + 64, 18)) and ink((0, grid.height - 18, 300, grid.height))
+    assert grid.crop((150, 18, grid.width, grid.height - 18)).tobytes() == bare.tobytes()  # the images, untouched
+    assert "random weights" in ev.random_model_note(tiny) and ev.random_model_note("stabilityai/sd-turbo") is None
+    # a run's sample grid: its prompts on the left, the update and noise on top, the random-weights note below
+    assert run(tiny, tmp_path / "r", "--max-steps", "1", "--grid-prompts", "2", "--grid-noises", "3") == 0
+    model = drpo.load_generator(tiny)
+    side = drpo.latent_shape(model)[-1] * model.pipe.vae_scale_factor
+    assert Image.open(tmp_path / "r" / "samples" / "step_000001.png").size == (150 + 3 * side, 18 + 2 * side + 18)
+
+
+def test_steps_png_marks_the_best_step(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    import eval as ev
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to read it back
+    step = lambda mean: {"mean": mean, "diff_vs_base": mean - 0.5, "ci95": [mean - 0.6, mean - 0.4]}  # noqa: E731
+    ev.plot_steps({"brightness": {"base": {"mean": 0.5}, "step_000002": step(0.7), "step_000004": step(0.6)}},
+                  tmp_path / "steps.png")
+    [ax] = drawn[0].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["best: update 2"]
+    assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+def test_each_tiny_alias_samples_with_its_real_models_card_settings():
+    """The published model cards: SD-Turbo and SDXL-Turbo 1 step without guidance; FLUX.1-schnell 4 steps with
+    256-token prompts; SD3.5-Large-Turbo 4 steps without guidance. SANA-Sprint: DrPO trains its one step."""
+    cards = {"tiny": dict(num_inference_steps=1, guidance_scale=0.0), "tiny-sdxl": dict(num_inference_steps=1,
+             guidance_scale=0.0), "tiny-sana": dict(num_inference_steps=1), "tiny-flux": dict(
+             num_inference_steps=4, max_sequence_length=256), "tiny-sd3": dict(num_inference_steps=4, guidance_scale=0.0)}
+    assert set(cards) == set(drpo.TINY_MODELS)
+    for alias, card in cards.items():
+        model = drpo.load_generator(alias)
+        assert {k: model.stock_call[k] for k in card} == card, alias
+        assert len(model.recipe) == card["num_inference_steps"], alias  # the steps drpo.py trains through
+        assert drpo.check_model(alias) == len(model.recipe), alias  # as check_args counts them before loading
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    command = re.search(r"python drpo\.py (--model tiny-flux [^`\n]*)", readme).group(1).split()
+    args = drpo.build_parser().parse_args(command)
+    model = drpo.load_generator(args.model, steps=args.inference_steps, timesteps=args.timesteps)
+    assert len(model.recipe) == 4 and model.stock_call["num_inference_steps"] == 4  # schnell's 4, not the stock 28
+
+
+@pytest.mark.parametrize("name, hint", [("sd-trubo", "did you mean sd-turbo?"), ("tiny-flx", "did you mean tiny-flux?"),
+                                        ("dmd2-sdxl-1step", "docs/models.md")])
+def test_a_misspelt_or_unbuilt_model_name_fails_at_once_offline_with_what_to_do(tmp_path, capsys, name, hint):
+    start = time.monotonic()
+    assert drpo.main(["--model", name, "--reward", "brightness", "--output-dir", str(tmp_path / "o")]) == 2
+    assert time.monotonic() - start < 2  # no hub retries
+    err = capsys.readouterr().err
+    assert hint in err and "hf download" not in err and not (tmp_path / "o").exists()
+
+
+def hacking_run(tiny, out, reward):
+    """benchmarks/hacking_check.py's run, shorter: a large learning rate, held-out evaluations every 5 updates."""
+    return drpo.main(["--model", tiny, "--reward", reward, "--max-steps", "10", "--lr", "3e-3", "--grad-accum", "1",
+                      "--eval-every", "5", "--eval-seeds", "2", "--sample-every", "0", "--output-dir", str(out)])
+
+
+def test_a_run_hacked_on_purpose_raises_warning_signs_and_its_random_reward_control_none(tiny, tmp_path, capsys):
+    assert hacking_run(tiny, tmp_path / "hacked", "brightness") == 0
+    assert hacking_run(tiny, tmp_path / "control", "random") == 0
+    hacked, control = held_rows(tmp_path / "hacked"), held_rows(tmp_path / "control")
+    assert [r["step"] for r in hacked] == [r["step"] for r in control] == [0, 5, 10]
+    for rows in (hacked, control):  # every statistic logged against the base's, at every evaluation
+        assert all(f"eval/drift/{name}_gain" in r for r in rows for name in __import__("eval").ImageStats.NAMES)
+    signs = {k: r["step"] for r in hacked for k in r.get("warnings", {})}
+    assert {"drift/brightness", "drift/dark_fraction"} & set(signs) and min(signs.values()) <= 10
+    assert sum("drift/brightness" in r.get("warnings", {}) for r in hacked) <= 1  # said once
+    assert hacked[-1]["eval/drift/brightness_gain"] > 0  # brighter: the hack it warns of
+    assert not any("warnings" in r for r in control)
+    assert "look at them for reward hacking" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_holds_every_metric_and_the_pictures_and_a_resume_continues_it(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import run_folder
+
+    (tmp_path / "held.txt").write_text(HELD)
+    out, common = tmp_path / "tb", ("--report-to", "tensorboard", "--max-steps", "4", "--eval-every", "2",
+                                    "--eval-prompts", str(tmp_path / "held.txt"), "--eval-seeds", "2",
+                                    "--sample-every", "2", "--save-every", "2")
+    assert run(tiny, out, *common) == 0
+    shutil.copyfile(out / "checkpoint.prev.pt", out / "checkpoint.pt")  # back to update 2, as if cut during 3
+    assert run(tiny, out, *common, "--resume") == 0  # redoes 3 and 4: their first logs must be gone
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected = {}
+    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        for key, value in run_folder.flat_row(row):
+            if not isinstance(value, str):
+                expected.setdefault(key, []).append((row["step"], float(np.float32(value))))
+    assert logged == expected and "reward_mean" in logged and "eval/drift/dark_fraction" in logged
+    assert "phases_s/optimizer" in logged  # nested figures by name
+    assert sorted(events.Tags()["images"]) == ["eval/images", "samples"]
+    assert [e.step for e in events.Images("eval/images")] == [0, 2, 4]
+    for e in events.Images("samples"):  # the sample grids, pixel for pixel
+        saved = Image.open(out / "samples" / f"step_{e.step:06d}.png").convert("RGB")
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(e.encoded_image_string))), np.asarray(saved))
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def test_report_to_wandb_offline_writes_its_local_run_and_a_resume_continues_it(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONFIG_DIR", tmp_path / "cfg"),
+                       ("WANDB_CACHE_DIR", tmp_path / "cache"), ("WANDB_DATA_DIR", tmp_path / "data")):
+        monkeypatch.setenv(key, str(value))
+    (tmp_path / "held.txt").write_text(HELD)
+    out, common = tmp_path / "wb", ("--report-to", "wandb", "--eval-every", "2", "--eval-prompts",
+                                    str(tmp_path / "held.txt"), "--eval-seeds", "1", "--sample-every", "2")
+    assert run(tiny, out, *common, "--max-steps", "2") == 0
+    run_id = (out / "wandb-run-id").read_text()
+    [local] = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    records = (local / f"run-{run_id}.wandb").read_bytes()
+    for name in ("reward_mean", "eval/drift/brightness", "phases_s/optimizer", "lambda_ref"):  # metrics, config
+        assert name.encode() in records, name
+    assert (local / "files" / "README.md").read_text() == (out / "README.md").read_text()  # the model card
+    assert {p.name.split("_")[0] for p in (local / "files" / "media" / "images").rglob("*.png")} == {"samples",
+                                                                                                    "images"}
+    time.sleep(1)  # W&B names a run's local folder by the second
+    assert run(tiny, out, *common, "--max-steps", "3", "--resume") == 0
+    assert (out / "wandb-run-id").read_text() == run_id and len(list((out / "wandb").glob(f"*-{run_id}"))) == 2
+
+
+def test_report_to_a_package_not_installed_says_how_to_get_it_before_loading(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: importing it fails
+    monkeypatch.setattr(drpo, "load_generator", lambda *a, **k: pytest.fail("loaded a model first"))
+    assert run(tiny, tmp_path / "o", "--report-to", "wandb", "--max-steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--report-to wandb needs the wandb package: pip install -r requirements-track.txt" in err
+    assert len(err.splitlines()) == 1
+
 
 # ---------------------------------------------------------------- pairwise judge --------
 
@@ -2976,6 +3134,7 @@ def test_hpsv3_cost_stand_in_patchifies_like_qwen2vl_and_passes_gradient():
 # or file and the fix. {d} is a scratch folder with the files of bad_inputs(); SANA the tiny SANA-Sprint model.
 DRPO_BAD = [
     (["--model", "{d}/nope"], "--model {d}/nope: no such folder. Pass a diffusers pipeline folder"),
+    (["--model", "sd-trubo"], "--model sd-trubo: no such folder (did you mean sd-turbo?); DMD2, Lightning: docs/models.md"),
     (["--model", "{d}/afile"], "--model {d}/afile: is a file"),
     (["--model", "{d}"], "--model {d}: is not a diffusers pipeline"),
     (["--resolution", "100"], "--resolution 100: this model needs a multiple of 16"),
@@ -3010,6 +3169,7 @@ DRPO_BAD = [
     (["--radii", "a,b"], "argument --radii: invalid floats value: 'a,b'"),
     (["--ref-radii", "0.1,0"], "--ref-radii must be positive numbers"),
     (["--kernel", "gauss"], "argument --kernel: invalid choice: 'gauss'"),
+    (["--report-to", "mlflow"], "argument --report-to: invalid choice: 'mlflow'"),
     (["--reward", "brightnes"], "unknown reward 'brightnes'; choose one of"),
     (["--reward", ""], "--reward is empty; name a reward"),
     (["--reward", "brightness:2,nosuchmodule_xyz:score"], "--reward nosuchmodule_xyz:score: no module "

@@ -25,7 +25,7 @@ def cached(arch="sd"):
     import shutil
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = cache / "drpo" / f"tiny-{arch}-v1"  # bump the version when make_tiny changes
+    path = cache / "drpo" / f"tiny-{arch}-v2"  # bump the version when make_tiny changes
     if not (path / "model_index.json").is_file():
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         print(f"building the tiny demo model in {path} (once)", file=sys.stderr)
@@ -35,6 +35,13 @@ def cached(arch="sd"):
         except OSError:  # another process got there first
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def mark_random(out_dir):
+    """A note in the folder that its weights are random: grids of its images (drpo.py, eval.py) say so."""
+    (Path(out_dir) / "RANDOM_WEIGHTS.txt").write_text("Random weights, built by examples/tiny_model.py for offline demos "
+                                                      "and tests: its images are coloured noise, not pictures.\n")
+    return out_dir
 
 
 def brightest_spread(vaes, latents, max_clipped=0.05):
@@ -119,7 +126,7 @@ def make_tiny(out_dir, seed=0, arch="sd"):
                                        scheduler=EulerDiscreteScheduler(**betas), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
-    return out_dir
+    return mark_random(out_dir)
 
 
 def make_tiny_sana(out_dir, seed=0):
@@ -150,7 +157,7 @@ def make_tiny_sana(out_dir, seed=0):
     pipe = SanaSprintPipeline(tokenizer=GemmaTokenizer(vocab=vocab, merges=[]), text_encoder=text_encoder, vae=vae,
                               transformer=transformer, scheduler=SCMScheduler(prediction_type="trigflow", sigma_data=0.5))
     pipe.save_pretrained(out_dir)
-    return out_dir
+    return mark_random(out_dir)
 
 
 def make_tiny_flow(out_dir, seed=0, arch="flux"):
@@ -194,7 +201,7 @@ def make_tiny_flow(out_dir, seed=0, arch="flux"):
             text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer,
             text_encoder_3=t5, tokenizer_3=tokenizer)
     pipe.save_pretrained(out_dir)
-    return out_dir
+    return mark_random(out_dir)
 
 
 def make_tiny_judge(out_dir, seed=0):

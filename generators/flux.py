@@ -11,7 +11,8 @@ a timestep in [0, 1], T5 embeddings and a pooled CLIP embedding. `Unpacked` hide
 sampler, features and LoRA see a network of (B, C, h, w) latents as for the UNets; the flow-matching Euler
 steps x <- x + (sigma_next - sigma) * v are elementwise, so they are the same on packed or unpacked latents.
 Every setting is the stock pipeline's: its sigmas linspace(1, 1/N, N), the VAE's scaling and shift factors, the
-T5 prompt length; schnell's model card settings (4 steps, 256-token prompts) come with its hub id.
+T5 prompt length; schnell's model card settings (4 steps, 256-token prompts) come with its hub id (and with
+tiny-flux, which drpo.py loads under that id's name: it stands in for schnell).
 """
 import inspect
 import types
@@ -115,8 +116,10 @@ def check_steps(scheduler, timesteps):
                          "schedule; use FLUX.1-schnell or a folder whose scheduler has neither")
 
 
-def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None):
-    """The settings that depend on the architecture, on the folder's configs only (no weights)."""
+def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None, card=None):
+    """The settings that depend on the architecture, on the folder's configs only (no weights). Returns the
+    sampler's steps: --inference-steps, else the model card's (card: the hub id whose card applies, path's by
+    default), else the stock __call__'s."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     try:
         net = FluxTransformer2DModel.load_config(path, subfolder="transformer")
@@ -138,3 +141,6 @@ def check_model(path, resolution=None, steps=None, timesteps=None, features=None
             raise ValueError(f"--teacher-layers: {layer!r} is not a block of this transformer; use "
                              f"transformer_blocks.I (I < {net['num_layers']}) or single_transformer_blocks.I "
                              f"(I < {net['num_single_layers']})")
+    from diffusers import FluxPipeline
+    stock = inspect.signature(FluxPipeline.__call__).parameters["num_inference_steps"].default
+    return steps or MODEL_CARDS.get(card or path, {}).get("num_inference_steps", stock)

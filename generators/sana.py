@@ -82,8 +82,9 @@ def check_steps(steps, timesteps):
                          f"sampling through intermediate_timesteps is not ported); drop --inference-steps")
 
 
-def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None):
-    """The settings that depend on the architecture, on the folder's configs only (no weights)."""
+def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None, card=None):
+    """The settings that depend on the architecture, on the folder's configs only (no weights). Returns the
+    sampler's steps: one (card, the hub id whose model card applies, changes nothing here)."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     try:
         net = SanaTransformer2DModel.load_config(path, subfolder="transformer")
@@ -104,3 +105,4 @@ def check_model(path, resolution=None, steps=None, timesteps=None, features=None
         if not (top == "transformer_blocks" and index.lstrip("-").isdigit() and -n <= int(index) < n):
             raise ValueError(f"--teacher-layers: {layer!r} is not a block of this transformer; use "
                              f"transformer_blocks.I with I in {-n}..{n - 1}")
+    return 1

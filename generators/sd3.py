@@ -73,8 +73,10 @@ def check_steps(scheduler, timesteps):
                          "schedulers; use a folder whose scheduler has neither")
 
 
-def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None):
-    """The settings that depend on the architecture, on the folder's configs only (no weights)."""
+def check_model(path, resolution=None, steps=None, timesteps=None, features=None, layers=None, card=None):
+    """The settings that depend on the architecture, on the folder's configs only (no weights). Returns the
+    sampler's steps: --inference-steps, else the model card's (card: the hub id whose card applies, path's by
+    default), else the stock __call__'s."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     try:
         net = SD3Transformer2DModel.load_config(path, subfolder="transformer")
@@ -96,3 +98,6 @@ def check_model(path, resolution=None, steps=None, timesteps=None, features=None
         if not (top == "transformer_blocks" and index.isdigit() and int(index) < n):
             raise ValueError(f"--teacher-layers: {layer!r} is not a block of this transformer; use "
                              f"transformer_blocks.I with I in 0..{n - 1}")
+    from diffusers import StableDiffusion3Pipeline
+    stock = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["num_inference_steps"].default
+    return steps or MODEL_CARDS.get(card or path, {}).get("num_inference_steps", stock)
