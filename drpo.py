@@ -351,20 +351,20 @@ def pairs_ranker(pairs, latent_of, n_pos, n_neg):
 
 def train(args, stop_asked=()):
     """The run around drpo_step. Setup, then per update: this process's share of grad_accum x world micro-steps, one
-    AdamW step of the LoRA, and what a run writes. stop_asked: a list that signals append to (deferred_signals): the
-    loop then saves, stops and returns that signal (None when it ends at --max-steps)."""
+    AdamW step of the LoRA, and what a run writes. stop_asked: a list that signals append to (run_folder's
+    deferred_signals): the loop then saves, stops and returns that signal (None when it ends at --max-steps)."""
     from tqdm import tqdm
 
     # Setup: every setting is checked before any model loads; an error in any process stops them all.
     rank, world, local_rank = init_distributed()  # one process, or one of `world` under torchrun (docs/scaling.md)
-    folder = beside("run_folder")  # the run folder: one owner, whole saves, resume, what each update writes
+    folder, memory = beside("run_folder"), beside("memory")  # one owner, whole saves, resume; the memory levers
     with all_or_none(world):
         check_args(args, world)
         lock = folder.own(args.output_dir) if rank == 0 else None  # the folder is this run's while lock is open
     device, dtype = run_device(args.device, args.precision, local_rank)
     amp = lambda fn: torch.autocast(device.type, dtype, enabled=dtype != torch.float32)(fn)  # fn's passes in dtype
     with all_or_none(world):
-        model = load_generator(args.model, dtype, device, args.inference_steps, args.timesteps)  # frozen
+        model = load_generator(args.model, dtype, device, args.inference_steps, args.timesteps, args.quantize)
         torch.manual_seed(args.seed)  # the LoRA's random A matrices, the same in every process
         # the trainable LoRA; its B matrices start at zero, so G_theta = G_0 at update 0
         params = add_lora(model.net, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
@@ -373,6 +373,9 @@ def train(args, stop_asked=()):
         phi = amp(load_features(args.features, model, mae_ckpt=args.mae_ckpt, dinov2=args.dinov2, device=device,
                                 dtype=dtype, layers=args.teacher_layers and args.teacher_layers.split(",")))
         prompts, ranker, reward = load_ranking(args, model, device, local_rank, amp)
+        side = latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor  # of the images, in pixels
+        if args.cache_conditioning:  # each prompt's conditioning once; then the text encoders leave the GPU
+            memory.cache_conditioning(model, prompts + beside("eval").heldout_prompts(args), side)
     # G_theta and G_0 as drpo_step calls them: (z, cond) -> latents through the sampler's steps, LoRA on / off
     G = amp(functools.partial(generate, model.net, recipe=model.recipe, grad_steps=args.grad_steps))
     G0 = amp(lora_off(model.net)(functools.partial(generate, model.net, recipe=model.recipe)))
@@ -383,7 +386,7 @@ def train(args, stop_asked=()):
     step, order, tracker = folder.start_or_resume(args, model, optimizer, rng, rank, world)  # tracker: --report-to
     watch = args.eval_every and beside("eval").Watch(args, model, phi, reward, step, rank, world, stop_asked, tracker)
     save = functools.partial(folder.save_outputs, args, model, optimizer, rng, order, watch, prompts, amp, tracker)
-    n_micro, side = args.grad_accum * world, latent_shape(model, args.resolution)[-1] * model.pipe.vae_scale_factor
+    n_micro = args.grad_accum * world
     bar = tqdm(total=args.max_steps, initial=step, desc="DrPO", dynamic_ncols=True, disable=rank != 0)
 
     stop = False
@@ -394,7 +397,7 @@ def train(args, stop_asked=()):
             for first in range(0, n_micro, world):  # grad_accum rounds of micro-steps, one per process side by side
                 if stop := any_process(stop_asked, world):  # a signal: drop this update, save the last whole one
                     break
-                with all_or_none(world), explain_out_of_memory(lap, device, args.output_dir):  # an error stops all
+                with all_or_none(world), memory.explain_out_of_memory(lap, device, args.output_dir):  # errors: all stop
                     for micro in range(first, first + world):
                         batch, z, feat_noise, anchor_noise = draw(rng, order, prompts, args, model, device, dtype)
                         if micro % world == rank:  # this process's; the others' are drawn too, so all stay in step
@@ -465,7 +468,7 @@ def load_ranking(args, model, device, local_rank, amp):
     reward_device = reward_device_of(args.reward_device, device, local_rank)
     reward = load_reward(args.reward, reward_device, args.reward_batch,
                          precision_dtype(args.reward_precision, reward_device), geneval_metadata=args.prompts,
-                         **reward_options(args))
+                         quantize=args.reward_quantize, **reward_options(args))
     to_images = amp(lambda x: to_pil(decode(model.pipe.vae, x)))
     ranker = reward_ranker(reward, to_images, args.n_pos, args.n_neg, args.reward_batch)
     return read_prompts(args.prompts), ranker, reward
@@ -535,7 +538,7 @@ def unet_conditioning(pipe, prompts, side):
     computes them: the one place SD and SDXL differ. SD takes CLIP text embeddings; SDXL the embeddings of two text
     encoders, the pooled embedding and the size/crop "time ids" (side x side, no crop)."""
     if type(pipe).__name__ == "StableDiffusionXLPipeline":
-        emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.unet.device,
+        emb, _, pooled, _ = pipe.encode_prompt(list(prompts), device=pipe.text_encoder.device,
                                                do_classifier_free_guidance=False)
         ids = torch.tensor([side, side, 0, 0, side, side], dtype=emb.dtype, device=emb.device)
         return {"encoder_hidden_states": emb,
@@ -543,6 +546,20 @@ def unet_conditioning(pipe, prompts, side):
     tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt")
     return {"encoder_hidden_states": pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]}
+
+
+def by_prompt(conditioning, device):
+    """conditioning(prompts, side) computed one prompt at a time, rows joined on device: a prompt's rows never
+    depend on the others in its batch (batched, SDXL's and SD3's pooled projections differ in the last bit), so the
+    rows --cache-conditioning keeps, cond.cache {(prompt, side): rows on the host}, are bitwise what it replaces."""
+    def join(parts):  # nested too (SDXL's added_cond_kwargs)
+        return {k: join([c[k] for c in parts]) if isinstance(v, dict) else torch.cat([c[k] for c in parts]).to(device)
+                for k, v in parts[0].items()}
+
+    def cond(prompts, side):
+        return join([cond.cache.get((p, side)) or conditioning([p], side) for p in prompts])
+    cond.cache = {}
+    return cond
 
 
 def step_recipe(scheduler, steps=1, timesteps=None):
@@ -770,7 +787,7 @@ def call_users_code(fn, where, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except torch.OutOfMemoryError:
-        raise  # out of GPU memory, wherever: explain_out_of_memory says what to do
+        raise  # out of GPU memory, wherever: memory.explain_out_of_memory says what to do
     except Exception as e:
         raise UserCodeError(f"{where} raised {type(e).__name__}: {e}") from e
 
@@ -875,17 +892,20 @@ def parse_reward_spec(spec):
     return parsed
 
 
-def load_reward(spec, device="cpu", batch_size=8, dtype=None, **paths):
+def load_reward(spec, device="cpu", batch_size=8, dtype=None, quantize=None, **paths):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor. spec: a reward name,
     `module.path:function` (custom_code), or a comma list of `NAME[:WEIGHT]` (each member z-scored over the call's
     images, then weighted and summed). Scores are computed under no_grad in batches of batch_size images; NaN stops.
     dtype: None = bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, served rewards' settings
     (reward_options), geneval_metadata=FILE.jsonl for geneval. reward.members: {name: each member alone,
-    unweighted}; reward.combine: their scores -> the reward's; reward.counts(): a VLM's requests since last asked."""
+    unweighted}; reward.combine: their scores -> the reward's; reward.counts(): a VLM's requests since last asked.
+    quantize: --reward-quantize, applied to each member's networks (memory.py)."""
     if set(paths) - {*REWARD_PATHS, *beside("rewards.vlm").FLAGS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; see reward_options for its keys")
     dtype = dtype or precision_dtype("auto", device)
     fns = [(name, make(device, dtype, paths), w) for name, make, w in parse_reward_spec(spec)]
+    if quantize:
+        fns = [(name, beside("memory").quantize_reward(fn, name, quantize), w) for name, fn, w in fns]
 
     @torch.no_grad()
     def score(name, fn, images, prompts):
@@ -1009,13 +1029,16 @@ def model_class(model):
     return path, name
 
 
-def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timesteps=None):
+def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timesteps=None, quantize=None):
     """--model as the loop sees a generator: the pipeline class the folder names, every weight frozen (the LoRA is all
     that trains), with the fields of unet_generator (SD, SDXL) or of its family's file in generators/.
-    steps, timesteps: --inference-steps, --timesteps (None: the model's own, one step for the UNets)."""
+    steps, timesteps: --inference-steps, --timesteps (None: the model's own, one step for the UNets); quantize: the
+    network's --quantize (memory.py)."""
     import diffusers
     path, name = model_class(model)
     extra = dict(safety_checker=None, requires_safety_checker=False) if name == "StableDiffusionPipeline" else {}
+    if quantize:
+        extra |= beside("memory").pipeline_config(quantize, "unet" if name in PIPELINES else "transformer", dtype)
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as e:
@@ -1025,7 +1048,10 @@ def load_generator(model, dtype=torch.float32, device="cpu", steps=None, timeste
             module.requires_grad_(False)
     if model in TINY_STAND_IN:  # a tiny model samples with its real model's card settings (steps, tokens)
         pipe.register_to_config(_name_or_path=MODEL_ALIASES[TINY_STAND_IN[model]])
-    return (beside(FAMILIES[name]).generator if name in FAMILIES else unet_generator)(pipe.to(device), steps, timesteps)
+    model = (beside(FAMILIES[name]).generator if name in FAMILIES else unet_generator)(pipe.to(device), steps,
+                                                                                      timesteps)
+    model.conditioning = by_prompt(model.conditioning, device)
+    return model
 
 
 def unet_generator(pipe, steps=None, timesteps=None):
@@ -1155,42 +1181,6 @@ def stopwatch(device):
     return times, lap
 
 
-@contextlib.contextmanager
-def deferred_signals():
-    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C) only note that a stop was asked (the list
-    yielded): the loop then finishes its update, saves and stops. Ctrl-C after that stops at once."""
-    import threading
-    asked = []
-
-    def note(signum, frame):
-        if asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        asked.append(signum)
-
-    main = threading.current_thread() is threading.main_thread()  # only the main thread may take signals
-    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)} if main else {}
-    try:
-        yield asked
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def explain_out_of_memory(lap, device, out):
-    """An out-of-GPU-memory error in the block: a message naming its phase and the remedies that keep the update."""
-    try:
-        yield
-    except torch.OutOfMemoryError as e:
-        phase = {None: "sample", "sample": "sample", "reference": "reward", "decode": "reward", "reward": "features",
-                 "features": "features", "field": "regression", "backward": "sample"}[lap.last]
-        used = f"{torch.cuda.memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "unknown"
-        raise MemoryError(f"out of GPU memory in the {phase} phase ({used} in use on {device}). The last checkpoint "
-                          f"in {out} is intact. These leave the update unchanged: --grad-chunk 8 (regress 8 "
-                          f"candidates at a time), --gradient-checkpointing, --reward-device cuda:+1 (the reward "
-                          f"on its own GPU), a smaller --reward-batch; then continue with --resume") from e
-
-
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "train.txt"  # 16 built-in training prompts
 
 
@@ -1308,6 +1298,7 @@ def check_args(args, world=1):
         beside("rewards.pairs").read_pairs(args.pairs)
     args.reward = None if args.pairs else "hpsv3" if args.reward is None else args.reward
     rewards = [name for name, _, _ in parse_reward_spec(args.reward)] if args.reward is not None else []
+    beside("memory").check(args, run_device(args.device, "auto", 0)[0])  # --quantize, ...: possible here?
     if "geneval" in rewards and not str(args.prompts).endswith(".jsonl"):
         raise ValueError("--reward geneval finds each prompt's checks in the GenEval metadata: pass --prompts "
                          "evaluation_metadata.jsonl (from the GenEval repository's prompts/ folder; docs/geneval.md)")
@@ -1331,8 +1322,6 @@ def check_args(args, world=1):
     beside("eval").check_targets(args.model, args.lora_targets)  # from the network's config, without weights
     args.data_sha256 = hashlib.sha256(Path(args.pairs or args.prompts or DEFAULT_PROMPTS).read_bytes()).hexdigest()
     beside("run_folder").check_output_dir(args, out, world)  # resume, or start in a folder that is this run's
-
-
 
 
 
@@ -1403,6 +1392,10 @@ def build_parser():
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="frozen weights and autocast dtype; auto = bf16 on CUDA, fp32 on CPU; LoRA weights stay fp32")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--cache-conditioning", action="store_true", help="each training and held-out prompt's text "
+                   "conditioning once, kept in host memory; the text encoders then leave the GPU (the same update)")
+    g.add_argument("--quantize", choices=("int8", "float8", "nf4"), help="load the UNet or transformer quantized, "
+                   "the LoRA in full precision on top (QLoRA; nf4: CUDA and bitsandbytes only; docs/cost.md)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale = alpha / rank)")
@@ -1423,6 +1416,8 @@ def build_parser():
                    "the GPU N after this process's own (docs/scaling.md); one copy for all: serve it (docs/rewards.md)")
     g.add_argument("--reward-precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--reward-quantize", choices=("int8", "float8"), help="quantize the reward model's network "
+                   "(hpsv3, imagereward and the CLIP rewards; docs/rewards.md measures what it changes)")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
     g.add_argument("--features", default="teacher", help=f"feature map phi: {', '.join(FEATURES)} or `module:function` "
@@ -1474,7 +1469,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world, _ = init_distributed()
     try:
-        with deferred_signals() as stop_asked:
+        with beside("run_folder").deferred_signals() as stop_asked:
             stopped_by = train(args, stop_asked)
     except PeerFailed:
         return 2

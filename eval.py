@@ -241,7 +241,7 @@ class Watch:
         paths = drpo.reward_options(args)
         self.args, self.model, self.phi, self.rank, self.world, self.out = args, model, phi, rank, world, \
             Path(args.output_dir)
-        self.prompts = drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts")
+        self.prompts = heldout_prompts(args)
         self.noises = seed_noises(model, args.resolution, range(args.eval_seeds))
         self.metrics = metrics_of(args.eval_reward or args.reward, reward, device, args.reward_batch,
                                   drpo.precision_dtype(args.reward_precision, device),
@@ -391,6 +391,11 @@ def image_statistics(image):
 
 PAIRWISE_VLM = ("it ranks each prompt's images against the first of them, so its mean is about 0.5 for any model "
                 "and compares nothing across models")
+
+
+def heldout_prompts(args):
+    """The held-out prompts a run watches (none without --eval-every)."""
+    return drpo.read_prompts(args.eval_prompts or HELDOUT, "--eval-prompts") if args.eval_every else []
 
 
 def check_watch(args):

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,27 @@ import drpo
 import eval as ev
 
 LOCK = ".drpo.lock"  # flocked by the process that runs in the folder (own)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGTERM, SIGINT and SIGUSR1 (preemption, Ctrl-C) only note that a stop was asked (the list
+    yielded): the loop then finishes its update, saves and stops. Ctrl-C after that stops at once."""
+    import threading
+    asked = []
+
+    def note(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may take signals
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)} if main else {}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def own(out):
@@ -63,6 +85,7 @@ CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
                "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
+               "cache_conditioning",  # exact: the same update
                "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
                "prompts", "pairs",  # where the file lies; its content is data_sha256
                "report_to",  # where the metrics are shown as well

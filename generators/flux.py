@@ -70,7 +70,7 @@ def conditioning(pipe, prompts, d):
     """The transformer's keyword inputs as the stock pipeline computes them at its defaults d (stock_defaults): T5
     embeddings (max_sequence_length tokens), the pooled CLIP embedding, and the embedded guidance where the
     transformer has one (FLUX.1-dev; schnell is guidance-free)."""
-    emb, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, device=pipe.transformer.device,
+    emb, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, device=pipe.text_encoder.device,
                                         max_sequence_length=d["max_sequence_length"])
     guidance = pipe.transformer.config.guidance_embeds and {"guidance": torch.full(
         (len(prompts),), d["guidance_scale"], device=emb.device, dtype=torch.float32)}

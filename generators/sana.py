@@ -45,7 +45,7 @@ def conditioning(pipe, prompts, d):
     """The transformer's keyword inputs as the stock pipeline computes them at its defaults d (stock_defaults):
     Gemma embeddings of the instruction + prompt (the last max_sequence_length tokens, and the first), their
     mask, and the embedded guidance (guidance_scale x the transformer's guidance_embeds_scale)."""
-    emb, mask = pipe.encode_prompt(list(prompts), device=pipe.transformer.device,
+    emb, mask = pipe.encode_prompt(list(prompts), device=pipe.text_encoder.device,
                                    max_sequence_length=d["max_sequence_length"],
                                    complex_human_instruction=d["complex_human_instruction"])
     guidance = torch.full((len(prompts),), d["guidance_scale"], device=emb.device).to(emb.dtype)

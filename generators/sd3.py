@@ -40,7 +40,8 @@ def flow_recipe(scheduler, steps):
 def conditioning(pipe, prompts, d):
     """The transformer's keyword inputs as the stock pipeline computes them without guidance: the joint CLIP + T5
     prompt embeddings (T5: max_sequence_length tokens) and the pooled CLIP embeddings."""
-    emb, _, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, prompt_3=None, device=pipe.transformer.device,
+    emb, _, pooled, _ = pipe.encode_prompt(list(prompts), prompt_2=None, prompt_3=None,
+                                           device=pipe.text_encoder.device,
                                            do_classifier_free_guidance=False,
                                            max_sequence_length=d["max_sequence_length"])
     return {"encoder_hidden_states": emb, "pooled_projections": pooled}

@@ -59,6 +59,7 @@ def clip_reward(model_id=CLIP_L, processor_id=None, scale=100.0, device="cpu", d
         img, txt = embed(images, prompts)
         return s * (img * txt).sum(-1)
 
+    score.networks = (model,)  # what --reward-quantize quantizes (drpo's memory.py)
     return score
 
 
@@ -72,7 +73,7 @@ def aesthetic_reward(clip_id=CLIP_L, head=None, device="cpu", dtype=torch.float3
     unit-norm CLIP ViT-L/14 image embedding. head: aesthetic-model.pth (from the hub when None)."""
     from transformers.utils import cached_file
 
-    _, embed = load_clip(clip_id, clip_id, device, dtype)
+    model, embed = load_clip(clip_id, clip_id, device, dtype)
     try:
         state = torch.load(head or cached_file(*AESTHETIC_HEAD), map_location="cpu", weights_only=True)
     except OSError as e:
@@ -90,4 +91,5 @@ def aesthetic_reward(clip_id=CLIP_L, head=None, device="cpu", dtype=torch.float3
     def score(images, prompts):
         return mlp(embed(images))[:, 0]
 
+    score.networks = (model,)  # what --reward-quantize quantizes (drpo's memory.py); the head stays float32
     return score

@@ -159,4 +159,5 @@ def hpsv3_reward(device="cpu", ckpt=None, base=None, dtype=None):
         at = (tok.input_ids == reward_id).int().argmax(1)  # the <|Reward|> token of each row
         return head(hidden[torch.arange(B, device=device), at].float())[:, 0]
 
+    score.networks = (model,)  # what --reward-quantize quantizes (drpo's memory.py); the head stays float32
     return score

@@ -147,4 +147,5 @@ def imagereward_reward(device="cpu", ckpt=None, config=None, tokenizer=None, dty
                       encoder_hidden_states=image_tokens).last_hidden_state
         return (head(hidden[:, 0].float())[:, 0] - MEAN) / STD
 
+    score.networks = (vision, text)  # what --reward-quantize quantizes (drpo's memory.py); the head stays float32
     return score

@@ -1,0 +1,118 @@
+"""Memory levers of drpo.py beyond the method (docs/cost.md, "One 24 GB card"). Not needed to learn DrPO.
+
+Exact (the same update, bit for bit):
+    --cache-conditioning     each training and held-out prompt's conditioning computed once, kept in host memory;
+                             the text encoders then leave the GPU (cache_conditioning)
+    --grad-chunk, --gradient-checkpointing, --reward-device   (drpo.py)
+Approximate (QLoRA's convention: a full-precision LoRA trains on quantized frozen weights):
+    --quantize int8|float8|nf4          the generator's network (the UNet or the transformer)
+    --reward-quantize int8|float8       the ported reward models' networks (HPSv3, ImageReward, CLIP rewards); not
+                                        nf4: bitsandbytes quantizes while loading, and the ports build their own
+
+int8 and float8 are torchao's weight-only configurations (requirements-quant.txt); they run on a CPU too. nf4 is
+bitsandbytes' 4-bit NormalFloat and needs a CUDA GPU (pip install bitsandbytes). G_0, the base that the reference
+drift pulls toward and the teacher features read, is then the quantized base with the LoRA off; the saved LoRA is
+applied to the full-precision base, as QLoRA users do (docs/running.md measures what that changes).
+"""
+import contextlib
+import importlib.util
+
+import torch
+
+QUANTIZE = ("int8", "float8", "nf4")
+PACKAGE = {"int8": ("torchao", "pip install -r requirements-quant.txt"),
+           "float8": ("torchao", "pip install -r requirements-quant.txt"),
+           "nf4": ("bitsandbytes", "pip install bitsandbytes (a CUDA GPU only)")}
+
+
+def check(args, device):
+    """--quantize, --reward-quantize and --cache-conditioning against the device and the reward, before anything
+    loads: a choice that cannot work here is refused with the reason."""
+    for flag, value in (("--quantize", args.quantize), ("--reward-quantize", args.reward_quantize)):
+        if value is None:
+            continue
+        package, install = PACKAGE[value]
+        if value == "nf4" and device.type != "cuda":
+            raise ValueError(f"{flag} nf4 goes through bitsandbytes, which needs a CUDA GPU (this run's device is "
+                             f"{device}); on a CPU use {flag} int8")
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"{flag} {value} needs the {package} package: {install}")
+    if args.reward_quantize:
+        import drpo
+        names = [name for name, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
+        served = [n for n in names if n.startswith(("http://", "https://")) or n.startswith("vlm")]
+        if served:
+            raise ValueError(f"--reward-quantize: {served[0]} is served by another process, which loads its own "
+                             f"model; quantize it there, or drop --reward-quantize")
+        if not any(n in NETWORK_REWARDS for n in names):
+            raise ValueError(f"--reward-quantize: {args.reward or '--pairs'} has no reward network to quantize "
+                             f"(quantizable: {', '.join(NETWORK_REWARDS)}); drop --reward-quantize")
+
+
+NETWORK_REWARDS = ("hpsv3", "imagereward", "pickscore", "clip", "aesthetic")  # their score functions' .networks
+
+
+def pipeline_config(value, component, dtype):
+    """diffusers' from_pretrained keywords that load the pipeline's `component` (unet or transformer) quantized."""
+    from diffusers import PipelineQuantizationConfig
+    if value == "nf4":
+        from diffusers import BitsAndBytesConfig
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        from diffusers import TorchAoConfig
+        config = TorchAoConfig(torchao_config(value))
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping={component: config})}
+
+
+def torchao_config(value):
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    return {"int8": Int8WeightOnlyConfig, "float8": Float8WeightOnlyConfig}[value]()
+
+
+def quantize_reward(fn, name, value):
+    """A ported reward's networks (fn.networks: its big modules; small heads stay as they are) quantized in place by
+    torchao's quantize_, which replaces the weights of their Linear layers."""
+    from torchao.quantization import quantize_
+    if not getattr(fn, "networks", None):
+        raise ValueError(f"--reward-quantize: the {name} reward has no network to quantize; drop it from the spec "
+                         f"or drop --reward-quantize")
+    for network in fn.networks:
+        quantize_(network, torchao_config(value))
+    return fn
+
+
+@torch.no_grad()
+def cache_conditioning(model, prompts, side):
+    """--cache-conditioning: each prompt's conditioning computed once, where the text encoders are, and kept in host
+    memory (model.conditioning.cache, read by drpo.by_prompt, which encodes prompt by prompt as every run does, so
+    the rows are the same bits); then the text encoders move to the host, off the GPU, for the rest of the run.
+    Host memory per prompt: SD-Turbo 77 x 1024 numbers, SDXL 77 x 2048, FLUX.1-schnell 256 x 4096."""
+    cache = model.conditioning.cache
+    for p in dict.fromkeys(prompts):
+        cache[p, side] = _to_host(model.conditioning([p], side))
+    for name, module in model.pipe.components.items():
+        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _to_host(v):
+    return {k: _to_host(x) for k, x in v.items()} if isinstance(v, dict) else v.cpu()
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(lap, device, out):
+    """An out-of-GPU-memory error in the block: a message naming its phase and the levers that fit it."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        phase = {None: "sample", "sample": "sample", "reference": "reward", "decode": "reward", "reward": "features",
+                 "features": "features", "field": "regression", "backward": "sample"}[lap.last]
+        used = f"{torch.cuda.memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "unknown"
+        raise MemoryError(f"out of GPU memory in the {phase} phase ({used} in use on {device}). The last checkpoint "
+                          f"in {out} is intact. These leave the update unchanged: --grad-chunk 8 (regress 8 "
+                          f"candidates at a time), --gradient-checkpointing, --cache-conditioning (text encoders off "
+                          f"the GPU), --reward-device cuda:+1 (the reward on its own GPU), a smaller --reward-batch; "
+                          f"these change it a little: --quantize int8, --reward-quantize int8 (docs/cost.md). Then "
+                          f"continue with --resume") from e
