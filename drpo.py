@@ -685,8 +685,10 @@ def teacher_features(net, layers, t=100, c_in=1.0, item=0, noise_level=0.1):
 
         handles = [m.register_forward_hook(hook) for m in modules.values()]
         try:
-            if checkpointing:  # phi checkpoints the teacher as a whole instead (see below)
-                net.disable_gradient_checkpointing()
+            if checkpointing:  # backward recomputes each block with the LoRA off, as it ran here (the plain
+                # checkpoint would recompute it with the LoRA on: another function); one block's activations at a time
+                net.enable_gradient_checkpointing(lambda block, *a: checkpoint(lora_off(net)(block.__call__), *a,
+                                                                               use_reentrant=False))
             with lora_off(net), contextlib.suppress(_StopForward):
                 net((c_in * x).to(net.dtype), timestep=torch.full((len(x),), t, device=x.device), **cond)
         finally:
@@ -697,13 +699,7 @@ def teacher_features(net, layers, t=100, c_in=1.0, item=0, noise_level=0.1):
         return [outs[m] for m in modules.values()]
 
     def phi(latents, noise, cond):
-        x = latents + noise_level * noise
-        if net.is_gradient_checkpointing and x.requires_grad:
-            # Recompute the whole teacher in backward, LoRA off again. Checkpointing inside it would
-            # recompute its blocks after lora_off has ended, i.e. with the LoRA on: another function.
-            outs = checkpoint(teacher, x, cond, use_reentrant=False)
-        else:
-            outs = teacher(x, cond)
+        outs = teacher(latents + noise_level * noise, cond)
         return {f"teacher.{n}": F.adaptive_avg_pool2d(grid(o).float(), 4).flatten(1)[:, None]
                 for n, o in zip(modules, outs)}
 

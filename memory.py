@@ -15,6 +15,7 @@ drift pulls toward and the teacher features read, is then the quantized base wit
 applied to the full-precision base, as QLoRA users do (docs/running.md measures what that changes).
 """
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -44,9 +45,10 @@ def check(args, device):
         if served:
             raise ValueError(f"--reward-quantize: {served[0]} is served by another process, which loads its own "
                              f"model; quantize it there, or drop --reward-quantize")
-        if not any(n in NETWORK_REWARDS for n in names):
+        if not any(n in NETWORK_REWARDS or ":" in n for n in names):  # your own: its function's .networks
             raise ValueError(f"--reward-quantize: {args.reward or '--pairs'} has no reward network to quantize "
-                             f"(quantizable: {', '.join(NETWORK_REWARDS)}); drop --reward-quantize")
+                             f"(quantizable: {', '.join(NETWORK_REWARDS)}, or your own function with a .networks "
+                             f"tuple of modules); drop --reward-quantize")
 
 
 NETWORK_REWARDS = ("hpsv3", "imagereward", "pickscore", "clip", "aesthetic")  # their score functions' .networks
@@ -73,10 +75,11 @@ def quantize_reward(fn, name, value):
     """A ported reward's networks (fn.networks: its big modules; small heads stay as they are) quantized in place by
     torchao's quantize_, which replaces the weights of their Linear layers."""
     from torchao.quantization import quantize_
-    if not getattr(fn, "networks", None):
-        raise ValueError(f"--reward-quantize: the {name} reward has no network to quantize; drop it from the spec "
-                         f"or drop --reward-quantize")
-    for network in fn.networks:
+    networks = getattr(fn.args[0] if isinstance(fn, functools.partial) else fn, "networks", None)  # yours: wrapped
+    if not networks:
+        raise ValueError(f"--reward-quantize: the {name} reward has no network to quantize (your own reward: give its "
+                         f"function a .networks tuple of its modules); drop it from the spec or drop --reward-quantize")
+    for network in networks:
         quantize_(network, torchao_config(value))
     return fn
 

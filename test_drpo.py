@@ -783,6 +783,30 @@ def test_teacher_features_reuse_noise_see_the_prompt_and_pass_gradient_to_the_la
     assert x.grad.abs().sum() > 0 and all(p.grad is None for p in params)
 
 
+@pytest.mark.parametrize("arch", ["sd", "sana", *FLOW_FAMILIES])
+def test_checkpointed_teacher_recomputes_each_block_with_the_lora_off(request, arch):
+    # with --gradient-checkpointing the teacher's blocks are recomputed one at a time in backward (not the whole
+    # teacher at once: 34 GB on FLUX), and each with the LoRA off as in its forward: the latent's gradient is the same
+    tiny, _ = family(request, arch)
+    model = drpo.load_generator(tiny, steps=1)
+    params = drpo.add_lora(model.net, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    for p in params:  # a LoRA that acts: a recompute with it on would be another function
+        torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(p.numel()))
+    phi = drpo.load_features("teacher", model)
+    x = torch.randn(2, *drpo.latent_shape(model, 128 if arch in FLOW_FAMILIES else None))
+    noise, cond = torch.randn_like(x), model.conditioning(["a cat", "a dog"], 128)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.net.enable_gradient_checkpointing()
+        xg = x.clone().requires_grad_(True)
+        sum(v.square().sum() for v in phi(xg, noise, cond).values()).backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert model.net.is_gradient_checkpointing and not model.net.lora_is_off  # as the loop left them
+    assert all(p.grad is None for p in params)
+
+
 def test_sana_teacher_features_are_the_stock_transformer_blocks_at_trigflow_time_atan_one_tenth(tiny_sana):
     """Independent of teacher_features: the TrigFlow sample x_t = cos t x0 + sin t noise at tan t = 0.1, scaled
     and timed as the stock pipeline feeds its transformer (SCM: s = sin t / (sin t + cos t)), the outputs of
@@ -1426,7 +1450,8 @@ def test_out_of_memory_names_the_phase_and_the_remedies_and_keeps_the_checkpoint
     assert run(tiny, out, "--max-steps", "4", "--sample-every", "0", "--save-every", "2") == 2
     err = capsys.readouterr().err
     assert "out of GPU memory in the regression phase" in err
-    for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--reward-device cuda:+1", "--reward-batch"):
+    for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--cache-conditioning", "--reward-device cuda:+1",
+                   "--reward-batch", "--quantize int8", "--reward-quantize int8"):
         assert remedy in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
@@ -4244,3 +4269,19 @@ def test_quantized_reward_keeps_its_scores_close_on_the_tiny_checkpoints(name):
     for q, f in zip(quantized.split(n), full.split(n)):
         assert torch.equal(q.argsort(), f.argsort())
         assert ((q - q.mean()) - (f - f.mean())).abs().max() < 0.1 * f.std()
+
+
+def test_the_24gb_recipe_of_the_paper_runs_every_lever_at_once_at_toy_size(tmp_path, monkeypatch):
+    # benchmarks/card_24gb.py's SD-Turbo + HPSv3 recipe (chunks, the conditioning cache, an int8 UNet, an int8
+    # reward of HPSv3's computation given as your own function with .networks), on the tiny models, one update
+    from torchao.quantization import Int8Tensor
+
+    from benchmarks import card_24gb, step_cost
+    monkeypatch.setenv("CARD_REWARD_ARCH", "qwen2vl-tiny")
+    monkeypatch.setattr(step_cost, "_NET", {})
+    _, flags, levers = card_24gb.RECIPES["sd-turbo + hpsv3"]
+    assert drpo.main(["--model", "tiny", *card_24gb.toy(flags), *levers, *card_24gb.COMMON, "--max-steps", "1",
+                      "--output-dir", str(tmp_path / "o")]) == 0
+    assert isinstance(step_cost._NET["net"].model.lm_head.weight, Int8Tensor)
+    assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").is_file()
+

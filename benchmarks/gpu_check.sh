@@ -13,9 +13,12 @@
 #     checkpointing, --grad-steps 4 and 1): a third file, at most 5.5 more minutes.
 # FLUX took 204 s there. All three take up to 20 minutes, more than one session's 15 minutes of device time:
 # GPU_CHECK_PARTS picks.
+#   - 24gb (not in the default; run it alone): docs/cost.md's "One 24 GB card" recipes at their real sizes with
+#     random weights, each capped to 24 GiB with torch.cuda.set_per_process_memory_fraction, 3 updates, and the same
+#     run without levers or cap (benchmarks/card_24gb.py): a fourth file, at most 9 minutes.
 #
 #   bash benchmarks/gpu_check.sh                       # on the GPU
-#   GPU_CHECK_PARTS=flux,steps bash benchmarks/gpu_check.sh   # some parts only (costs, steps, flux)
+#   GPU_CHECK_PARTS=flux,steps bash benchmarks/gpu_check.sh   # some parts only (costs, steps, flux, 24gb)
 #   GPU_CHECK_SIZE=toy bash benchmarks/gpu_check.sh    # the same steps at toy size, on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +46,8 @@ fi
 if [[ $parts == *,steps,* ]]; then
   timeout 360 python benchmarks/step_cost.py --preset "$preset" --parts steps --json "$out/gpu_check_steps_$size.json" \
     || echo "the steps part did not finish within 360 s (what it printed is above)"
+fi
+if [[ $parts == *,24gb,* ]]; then
+  timeout 540 python benchmarks/card_24gb.py --size "$size" --json "$out/card_24gb_$size.json" \
+    || echo "the 24gb part did not finish within 540 s (the recipes that did are in $out/card_24gb_$size.json)"
 fi

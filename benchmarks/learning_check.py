@@ -12,6 +12,8 @@ prompts that were not used in training.
                                          # SDXL-Turbo's scheduler at 4 steps, trained through all or the last one
     python benchmarks/learning_check.py --out /tmp/learn --model tiny-flux --inference-steps 4 --resolution 128
                                          # FLUX.1-schnell's layout at its 4 steps (or tiny-sd3)
+    python benchmarks/learning_check.py --out /tmp/learn --quantize int8   # trained on the int8 base; held out on
+                                         # the full-precision base (QLoRA's convention) and on the int8 one
 """
 import argparse
 import json
@@ -23,15 +25,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import drpo  # noqa: E402
+import memory  # noqa: E402
 
 HELD_OUT = ["a quiet harbor with fishing boats", "a plate of pancakes with berries",
             "a snowy owl on a branch", "a vintage car on a country road"]
 
 
-def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1, side=None):
+def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1, side=None, quantize=None, images=None):
+    """Mean and spread of the held-out images' brightness (quantize: of the base's network; images: a list that
+    collects the images)."""
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)  # the class model_index.json names
+    name = json.loads((Path(model_dir) / "model_index.json").read_text())["_class_name"]
+    quant = quantize and memory.pipeline_config(quantize, "unet" if name in drpo.PIPELINES else "transformer",
+                                                torch.float32)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, **(quant or {}))  # its class
     pipe.set_progress_bar_config(disable=True)
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
@@ -47,6 +55,8 @@ def heldout_brightness(model_dir, lora_dir=None, seeds=range(4), steps=1, side=N
             img = pipe(p, generator=torch.Generator().manual_seed(1000 + s), num_inference_steps=steps, height=side,
                        width=side, output_type="pt", **one).images
             vals.append(img.mean().item())
+            if images is not None:
+                images.append(img)
     return torch.tensor(vals).mean().item(), torch.tensor(vals).std().item()
 
 
@@ -64,6 +74,8 @@ def main():
                     "the model's; the tiny FLUX needs 128)")
     ap.add_argument("--vlm", action="store_true", help="train with --reward vlm against examples/scripted_vlm.py "
                     "(on a free port) instead of the brightness reward")
+    ap.add_argument("--quantize", choices=("int8", "float8"), help="drpo.py's --quantize; the held-out images are "
+                    "then measured on both bases, and how far the quantized base's images are from the full one's")
     args = ap.parse_args()
     vlm = []
     if args.vlm:
@@ -78,17 +90,29 @@ def main():
     steps = ["--inference-steps", str(args.inference_steps)] + (["--grad-steps", str(args.grad_steps)]
                                                                  if args.grad_steps else []) + \
         (["--resolution", str(args.resolution)] if args.resolution else [])
-    base, spread = heldout_brightness(model, steps=args.inference_steps, side=args.resolution)
+    full, quantized = [], []
+    base, spread = heldout_brightness(model, steps=args.inference_steps, side=args.resolution, images=full)
     result = {"base": base, "base_std_over_images": spread}
+    q = dict(steps=args.inference_steps, side=args.resolution, quantize=args.quantize)
+    if args.quantize:  # the quantized base's images against the full base's, same prompts and noises
+        result["quantized_base"] = heldout_brightness(model, **q, images=quantized)[0]
+        diff = torch.stack([(a - b).abs().mean() for a, b in zip(full, quantized)]).mean().item()
+        result["quantized_vs_full_pixel_diff"] = diff  # mean |difference| of pixels in [0, 1]
+        result["full_pixel_diff_between_noises"] = torch.stack(
+            [(a - b).abs().mean() for a, b in zip(full, full[len(HELD_OUT):])]).mean().item()  # for scale
     for reward in ("vlm" if args.vlm else "brightness", "random"):
         out = Path(args.out) / reward
         t0 = time.time()
         drpo.main(["--model", model, "--reward", reward, "--max-steps", str(args.steps), "--lr", args.lr,
                    "--grad-accum", "1", "--output-dir", str(out), "--seed", "0", "--overwrite",
-                   *steps, *(vlm if reward == "vlm" else [])])
+                   *steps, *(vlm if reward == "vlm" else []),
+                   *(["--quantize", args.quantize] if args.quantize else [])])
         heldout = heldout_brightness(model, out, steps=args.inference_steps, side=args.resolution)[0]
         result[reward] = {"heldout": heldout, "train_s": time.time() - t0}
         result[reward]["gain"] = result[reward]["heldout"] - base
+        if args.quantize:  # the LoRA on the base it trained on
+            result[reward]["heldout_quantized_base"] = heldout_brightness(model, out, **q)[0]
+            result[reward]["gain_quantized_base"] = result[reward]["heldout_quantized_base"] - result["quantized_base"]
     print(json.dumps(result, indent=2))
 
 
