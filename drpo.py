@@ -556,7 +556,7 @@ def by_prompt(conditioning, device):
         return {k: join([c[k] for c in parts]) if isinstance(v, dict) else torch.cat([c[k] for c in parts]).to(device)
                 for k, v in parts[0].items()}
 
-    def cond(prompts, side):
+    def cond(prompts, side=None):
         return join([cond.cache.get((p, side)) or conditioning([p], side) for p in prompts])
     cond.cache = {}
     return cond

@@ -12,7 +12,7 @@ Approximate (QLoRA's convention: a full-precision LoRA trains on quantized froze
 int8 and float8 are torchao's weight-only configurations (requirements-quant.txt); they run on a CPU too. nf4 is
 bitsandbytes' 4-bit NormalFloat and needs a CUDA GPU (pip install bitsandbytes). G_0, the base that the reference
 drift pulls toward and the teacher features read, is then the quantized base with the LoRA off; the saved LoRA is
-applied to the full-precision base, as QLoRA users do (docs/running.md measures what that changes).
+applied to the full-precision base, as QLoRA users do (docs/cost.md and docs/running.md measure what that changes).
 """
 import contextlib
 import functools
@@ -20,14 +20,18 @@ import importlib.util
 
 import torch
 
-QUANTIZE = ("int8", "float8", "nf4")
+import drpo
+
 PACKAGE = {"int8": ("torchao", "pip install -r requirements-quant.txt"),
            "float8": ("torchao", "pip install -r requirements-quant.txt"),
            "nf4": ("bitsandbytes", "pip install bitsandbytes (a CUDA GPU only)")}
 
 
+NETWORK_REWARDS = ("hpsv3", "imagereward", "pickscore", "clip", "aesthetic")  # their score functions' .networks
+
+
 def check(args, device):
-    """--quantize, --reward-quantize and --cache-conditioning against the device and the reward, before anything
+    """--quantize and --reward-quantize against the device, the installed packages and the reward, before anything
     loads: a choice that cannot work here is refused with the reason."""
     for flag, value in (("--quantize", args.quantize), ("--reward-quantize", args.reward_quantize)):
         if value is None:
@@ -39,7 +43,6 @@ def check(args, device):
         if importlib.util.find_spec(package) is None:
             raise ImportError(f"{flag} {value} needs the {package} package: {install}")
     if args.reward_quantize:
-        import drpo
         names = [name for name, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
         served = [n for n in names if n.startswith(("http://", "https://")) or n.startswith("vlm")]
         if served:
@@ -49,9 +52,6 @@ def check(args, device):
             raise ValueError(f"--reward-quantize: {args.reward or '--pairs'} has no reward network to quantize "
                              f"(quantizable: {', '.join(NETWORK_REWARDS)}, or your own function with a .networks "
                              f"tuple of modules); drop --reward-quantize")
-
-
-NETWORK_REWARDS = ("hpsv3", "imagereward", "pickscore", "clip", "aesthetic")  # their score functions' .networks
 
 
 def pipeline_config(value, component, dtype):
@@ -92,16 +92,12 @@ def cache_conditioning(model, prompts, side):
     Host memory per prompt: SD-Turbo 77 x 1024 numbers, SDXL 77 x 2048, FLUX.1-schnell 256 x 4096."""
     cache = model.conditioning.cache
     for p in dict.fromkeys(prompts):
-        cache[p, side] = _to_host(model.conditioning([p], side))
+        cache[p, side] = drpo.rows(model.conditioning([p], side), lambda v: v.cpu())
     for name, module in model.pipe.components.items():
         if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
             module.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _to_host(v):
-    return {k: _to_host(x) for k, x in v.items()} if isinstance(v, dict) else v.cpu()
 
 
 @contextlib.contextmanager

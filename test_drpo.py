@@ -3297,6 +3297,13 @@ DRPO_BAD = [
     (["--reward", "http://127.0.0.1:9:x"], "--reward http://127.0.0.1:9:x: not a URL like http://HOST:PORT"),
     (["--reward", "http://:9"], "--reward http://:9: not a URL like http://HOST:PORT"),
     (["--reward", "vlm", "--reward-url", "http://127.0.0.1:9/v1", "--reward-model", "m", "--eval-reward", "vlm"], "--eval-reward vlm cannot watch the run: it ranks each prompt's images"),
+    (["--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+    (["--quantize", "nf4"], "--quantize nf4 goes through bitsandbytes, which needs a CUDA GPU (this run's device is "
+                            "cpu); on a CPU use --quantize int8"),
+    (["--reward-quantize", "nf4"], "argument --reward-quantize: invalid choice: 'nf4'"),
+    (["--reward-quantize", "int8"], "--reward-quantize: brightness has no reward network to quantize"),
+    (["--reward", "http://127.0.0.1:9", "--reward-quantize", "int8"], "--reward-quantize: http://127.0.0.1:9 is "
+                                                                        "served by another process"),
     # family-specific checks, on the tiny SANA-Sprint (DC-AE /32, patch 1, 4 transformer blocks, 32 channels)
     (["--model", "SANA", "--timestep", "399"], "SANA-Sprint's one step starts at the pure-noise end"),
     (["--model", "SANA", "--features", "mae", "--mae-ckpt", str(FIXTURES / "mae_tiny" / "mae_latent_tiny.pth")],
@@ -3305,7 +3312,7 @@ DRPO_BAD = [
     (["--model", "SANA", "--teacher-layers", "transformer_blocks.4"], "not a block of this transformer"),
     (["--model", "SANA", "--lora-targets", "to_zz"], "'to_zz' names no Linear or Conv2d layer of this transformer"),
 ]
-DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite"}  # flags without a value to get wrong
+DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite", "--cache-conditioning"}  # flags without a value to get wrong
 
 # eval.py, the same way (a run folder of two updates is {d}/run).
 EVAL_BAD = [
