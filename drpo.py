@@ -468,7 +468,7 @@ def load_ranking(args, model, device, local_rank, amp):
     reward_device = reward_device_of(args.reward_device, device, local_rank)
     reward = load_reward(args.reward, reward_device, args.reward_batch,
                          precision_dtype(args.reward_precision, reward_device), geneval_metadata=args.prompts,
-                         quantize=args.reward_quantize, **reward_options(args))
+                         quantize=args.reward_quantize, offload=args.offload, **reward_options(args))
     to_images = amp(lambda x: to_pil(decode(model.pipe.vae, x)))
     ranker = reward_ranker(reward, to_images, args.n_pos, args.n_neg, args.reward_batch)
     return read_prompts(args.prompts), ranker, reward
@@ -888,27 +888,28 @@ def parse_reward_spec(spec):
     return parsed
 
 
-def load_reward(spec, device="cpu", batch_size=8, dtype=None, quantize=None, **paths):
+def load_reward(spec, device="cpu", batch_size=8, dtype=None, quantize=None, offload=False, **paths):
     """A reward callable (images: list of PIL, prompts: list of str) -> 1-D float tensor. spec: a reward name,
     `module.path:function` (custom_code), or a comma list of `NAME[:WEIGHT]` (each member z-scored over the call's
     images, then weighted and summed). Scores are computed under no_grad in batches of batch_size images; NaN stops.
     dtype: None = bf16 on CUDA, fp32 otherwise. paths: weight files by REWARD_PATHS name, served rewards' settings
     (reward_options), geneval_metadata=FILE.jsonl for geneval. reward.members: {name: each member alone,
     unweighted}; reward.combine: their scores -> the reward's; reward.counts(): a VLM's requests since last asked.
-    quantize: --reward-quantize, applied to each member's networks (memory.py)."""
+    quantize, offload: --reward-quantize and --offload, applied to each member's networks (memory.py)."""
     if set(paths) - {*REWARD_PATHS, *beside("rewards.vlm").FLAGS, "geneval_metadata"}:
         raise TypeError(f"load_reward got {sorted(set(paths) - set(REWARD_PATHS))}; see reward_options for its keys")
     dtype = dtype or precision_dtype("auto", device)
     fns = [(name, make(device, dtype, paths), w) for name, make, w in parse_reward_spec(spec)]
-    if quantize:
-        fns = [(name, beside("memory").quantize_reward(fn, name, quantize), w) for name, fn, w in fns]
+    if quantize or offload:
+        fns = [(name, beside("memory").reward_levers(fn, name, quantize, offload and device), w) for name, fn, w in fns]
 
     @torch.no_grad()
     def score(name, fn, images, prompts):
         if len(images) != len(prompts):
             raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
         n = getattr(fn, "batch_size", batch_size) or len(images)  # served: None, the whole call in one request
-        s = torch.cat([as_scores(name, fn(images[i:i + n], prompts[i:i + n])) for i in range(0, len(images), n)])
+        with getattr(fn, "on_device", contextlib.nullcontext)():  # --offload: its weights come once per call
+            s = torch.cat([as_scores(name, fn(images[i:i + n], prompts[i:i + n])) for i in range(0, len(images), n)])
         if s.numel() != len(images):
             raise ValueError(f"reward {name!r} returned {s.numel()} scores for {len(images)} images; return "
                              f"one float per image")
@@ -1414,6 +1415,8 @@ def build_parser():
                    help="dtype of the reward network; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--reward-quantize", choices=("int8", "float8"), help="quantize the reward model's network "
                    "(hpsv3, imagereward and the CLIP rewards; docs/rewards.md measures what it changes)")
+    g.add_argument("--offload", action="store_true", help="the reward model's weights wait in host memory except "
+                   "while it scores: the same update, one copy to the GPU per call (GPU runs; docs/cost.md)")
     add_reward_path_flags(g)
     g = p.add_argument_group("features")
     g.add_argument("--features", default="teacher", help=f"feature map phi: {', '.join(FEATURES)} or `module:function` "

@@ -3,6 +3,8 @@
 Exact (the same update, bit for bit):
     --cache-conditioning     each training and held-out prompt's conditioning computed once, kept in host memory;
                              the text encoders then leave the GPU (cache_conditioning)
+    --offload                the reward model's weights wait in pinned host memory except while it scores (offload);
+                             the reward's weights and the regression's activations then never share the GPU
     --grad-chunk, --gradient-checkpointing, --reward-device   (drpo.py)
 Approximate (QLoRA's convention: a full-precision LoRA trains on quantized frozen weights):
     --quantize int8|float8|nf4          the generator's network (the UNet or the transformer)
@@ -31,8 +33,8 @@ NETWORK_REWARDS = ("hpsv3", "imagereward", "pickscore", "clip", "aesthetic")  # 
 
 
 def check(args, device):
-    """--quantize and --reward-quantize against the device, the installed packages and the reward, before anything
-    loads: a choice that cannot work here is refused with the reason."""
+    """--quantize, --reward-quantize and --offload against the device, the installed packages and the reward, before
+    anything loads: a choice that cannot work here is refused with the reason."""
     for flag, value in (("--quantize", args.quantize), ("--reward-quantize", args.reward_quantize)):
         if value is None:
             continue
@@ -42,16 +44,23 @@ def check(args, device):
                              f"{device}); on a CPU use {flag} int8")
         if importlib.util.find_spec(package) is None:
             raise ImportError(f"{flag} {value} needs the {package} package: {install}")
-    if args.reward_quantize:
+    if args.offload and args.reward_quantize:
+        raise ValueError("--offload moves plain weights, not --reward-quantize's quantized ones: choose one "
+                         "(--offload keeps the update exact; --reward-quantize halves the reward's weights)")
+    if args.offload or args.reward_quantize:
+        flag, verb = ("--offload", "offload") if args.offload else ("--reward-quantize", "quantize")
         names = [name for name, _, _ in drpo.parse_reward_spec(args.reward)] if args.reward else []
         served = [n for n in names if n.startswith(("http://", "https://")) or n.startswith("vlm")]
         if served:
-            raise ValueError(f"--reward-quantize: {served[0]} is served by another process, which loads its own "
-                             f"model; quantize it there, or drop --reward-quantize")
+            raise ValueError(f"{flag}: {served[0]} is served by another process, which holds its own model; "
+                             f"{verb} it there, or drop {flag}")
         if not any(n in NETWORK_REWARDS or ":" in n for n in names):  # your own: its function's .networks
-            raise ValueError(f"--reward-quantize: {args.reward or '--pairs'} has no reward network to quantize "
-                             f"(quantizable: {', '.join(NETWORK_REWARDS)}, or your own function with a .networks "
-                             f"tuple of modules); drop --reward-quantize")
+            raise ValueError(f"{flag}: {args.reward or '--pairs'} has no reward network to {verb} (these have: "
+                             f"{', '.join(NETWORK_REWARDS)}, or your own function with a .networks tuple of "
+                             f"modules); drop {flag}")
+    if args.offload and drpo.reward_device_of(args.reward_device, device, 0).type == "cpu":
+        raise ValueError("--offload: nothing to offload, the reward runs on the CPU, where its weights stay anyway; "
+                         "it is for a GPU run")
 
 
 def pipeline_config(value, component, dtype):
@@ -71,17 +80,59 @@ def torchao_config(value):
     return {"int8": Int8WeightOnlyConfig, "float8": Float8WeightOnlyConfig}[value]()
 
 
-def quantize_reward(fn, name, value):
+def reward_levers(fn, name, quantize=None, offload_to=None):
     """A ported reward's networks (fn.networks: its big modules; small heads stay as they are) quantized in place by
-    torchao's quantize_, which replaces the weights of their Linear layers."""
-    from torchao.quantization import quantize_
+    torchao's quantize_ (--reward-quantize), or kept off the device between calls (--offload, offload)."""
     networks = getattr(fn.args[0] if isinstance(fn, functools.partial) else fn, "networks", None)  # yours: wrapped
+    flag = "--reward-quantize" if quantize else "--offload"
     if not networks:
-        raise ValueError(f"--reward-quantize: the {name} reward has no network to quantize (your own reward: give its "
-                         f"function a .networks tuple of its modules); drop it from the spec or drop --reward-quantize")
-    for network in networks:
-        quantize_(network, torchao_config(value))
-    return fn
+        raise ValueError(f"{flag}: the {name} reward has no network (your own reward: give its function a .networks "
+                         f"tuple of its modules); drop it from the spec or drop {flag}")
+    if quantize:
+        from torchao.quantization import quantize_
+        for network in networks:
+            quantize_(network, torchao_config(quantize))
+    return offload(fn, networks, offload_to) if offload_to else fn
+
+
+def offload(fn, networks, device):
+    """fn with its networks' weights on device only while it runs, in (pinned) host memory otherwise; run.on_device()
+    keeps them there across several calls (load_reward's batches of one reward call). Exact: the same weights, moved.
+    They are frozen, so the host copy stays valid: leaving the device costs nothing, coming back one copy of them."""
+    slots = [(table, name) for net in networks for m in net.modules() for table in (m._parameters, m._buffers)
+             for name, t in table.items() if t is not None]
+    host = [table[name] for table, name in slots]  # the networks' own tensors, moved to the host once
+    for t in {id(t): t for t in host}.values():
+        t.data = t.data.cpu().pin_memory() if torch.device(device).type == "cuda" else t.data.cpu()  # pinned: fast
+    held = []
+
+    def place(tensors):
+        for (table, name), t in zip(slots, tensors):
+            table[name] = t
+
+    def to_device(t):
+        moved = t.to(device, non_blocking=True)
+        return torch.nn.Parameter(moved, t.requires_grad) if isinstance(t, torch.nn.Parameter) else moved
+
+    @contextlib.contextmanager
+    def on_device():
+        if not held:
+            moved = {id(t): to_device(t) for t in host}  # a tensor shared by two modules: one copy
+            place([moved[id(t)] for t in host])
+        held.append(True)
+        try:
+            yield
+        finally:
+            held.pop()
+            if not held:
+                place(host)  # the device's copies are freed for the next phase
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with on_device():
+            return fn(*args, **kwargs)
+    run.on_device = on_device
+    return run
 
 
 @torch.no_grad()
@@ -112,6 +163,7 @@ def explain_out_of_memory(lap, device, out):
         raise MemoryError(f"out of GPU memory in the {phase} phase ({used} in use on {device}). The last checkpoint "
                           f"in {out} is intact. These leave the update unchanged: --grad-chunk 8 (regress 8 "
                           f"candidates at a time), --gradient-checkpointing, --cache-conditioning (text encoders off "
-                          f"the GPU), --reward-device cuda:+1 (the reward on its own GPU), a smaller --reward-batch; "
+                          f"the GPU), --offload (the reward's weights on the GPU only while it scores), "
+                          f"--reward-device cuda:+1 (the reward on its own GPU), a smaller --reward-batch; "
                           f"these change it a little: --quantize int8, --reward-quantize int8 (docs/cost.md). Then "
                           f"continue with --resume") from e

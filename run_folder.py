@@ -85,7 +85,7 @@ CHECKPOINT_KEYS = {"lora", "optimizer", "rng", "step", "order"}
 # Settings that may change on --resume: they do not change what the run computes.
 RESUME_FREE = {"max_steps", "save_every", "sample_every", "eval_every", "save_lora_every", "grid_prompts",
                "grid_noises", "device", "reward_device", "grad_chunk", "gradient_checkpointing", "reward_batch",
-               "cache_conditioning",  # exact: the same update
+               "cache_conditioning", "offload",  # exact: the same update
                "grad_accum", "world_size", "resume", "force", "overwrite", "output_dir", "mae_ckpt", "dinov2",
                "prompts", "pairs",  # where the file lies; its content is data_sha256
                "report_to",  # where the metrics are shown as well

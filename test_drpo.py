@@ -1450,8 +1450,8 @@ def test_out_of_memory_names_the_phase_and_the_remedies_and_keeps_the_checkpoint
     assert run(tiny, out, "--max-steps", "4", "--sample-every", "0", "--save-every", "2") == 2
     err = capsys.readouterr().err
     assert "out of GPU memory in the regression phase" in err
-    for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--cache-conditioning", "--reward-device cuda:+1",
-                   "--reward-batch", "--quantize int8", "--reward-quantize int8"):
+    for remedy in ("--grad-chunk 8", "--gradient-checkpointing", "--cache-conditioning", "--offload",
+                   "--reward-device cuda:+1", "--reward-batch", "--quantize int8", "--reward-quantize int8"):
         assert remedy in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
@@ -3302,6 +3302,7 @@ DRPO_BAD = [
                             "cpu); on a CPU use --quantize int8"),
     (["--reward-quantize", "nf4"], "argument --reward-quantize: invalid choice: 'nf4'"),
     (["--reward-quantize", "int8"], "--reward-quantize: brightness has no reward network to quantize"),
+    (["--offload"], "--offload: brightness has no reward network to offload"),
     (["--reward", "http://127.0.0.1:9", "--reward-quantize", "int8"], "--reward-quantize: http://127.0.0.1:9 is "
                                                                         "served by another process"),
     # family-specific checks, on the tiny SANA-Sprint (DC-AE /32, patch 1, 4 transformer blocks, 32 channels)
@@ -3312,7 +3313,8 @@ DRPO_BAD = [
     (["--model", "SANA", "--teacher-layers", "transformer_blocks.4"], "not a block of this transformer"),
     (["--model", "SANA", "--lora-targets", "to_zz"], "'to_zz' names no Linear or Conv2d layer of this transformer"),
 ]
-DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite", "--cache-conditioning"}  # flags without a value to get wrong
+DRPO_SWITCHES = {"-h", "--help", "--gradient-checkpointing", "--overwrite", "--cache-conditioning",
+                 "--offload"}  # flags without a value to get wrong
 
 # eval.py, the same way (a run folder of two updates is {d}/run).
 EVAL_BAD = [
@@ -4237,12 +4239,65 @@ def test_int8_base_trains_and_its_lora_loads_into_the_stock_full_precision_pipel
     (["--quantize", "nf4"], "needs a CUDA GPU"),
     (["--reward-quantize", "int8"], "has no reward network to quantize"),
     (["--reward-quantize", "int8", "--reward", "http://127.0.0.1:9"], "served by another process"),
+    (["--offload"], "--offload: brightness has no reward network to offload"),
+    (["--offload", "--reward", "vlm", "--reward-url", "http://127.0.0.1:9/v1", "--reward-model", "m"],
+     "--offload: vlm is served by another process"),
+    (["--offload", "--reward", "test_drpo:offload_probe()"], "--offload: nothing to offload, the reward runs on the "
+                                                             "CPU"),
+    (["--offload", "--reward", "test_drpo:offload_probe()", "--reward-quantize", "int8"], "choose one"),
 ])
 def test_impossible_memory_levers_are_refused_before_anything_loads(tiny, tmp_path, capsys, argv, match):
     start = time.monotonic()
     assert run(tiny, tmp_path / "o", *argv) == 2
     assert match in capsys.readouterr().err and time.monotonic() - start < 5
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+OFFLOAD_SEEN, OFFLOAD_NETS = [], []
+
+
+def offload_probe(device, dtype):
+    """Your own reward with a .networks tuple: it keeps the weight it finds at each batch it scores."""
+    net = torch.nn.Linear(3, 1)
+
+    def score(images, prompts):
+        OFFLOAD_SEEN.append(net.weight)
+        return [float(i) for i in range(len(images))]
+    score.networks = (net,)
+    OFFLOAD_NETS[:] = [net]
+    return score
+
+
+def test_offload_keeps_the_weights_on_the_host_but_while_the_reward_scores():
+    # the "device" is PyTorch's meta device: this CPU has no other, and the weights' place is what is tested
+    import memory
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    run = memory.offload(lambda: seen.append({t.device.type for t in net.state_dict().values()}), (net,), "meta")
+    host = [t.data_ptr() for t in net.state_dict().values()]
+    run()
+    with run.on_device():  # held across calls: the calls' own ends leave the weights where they are
+        run()
+        assert {t.device.type for t in net.state_dict().values()} == {"meta"}
+        run()
+    assert seen == [{"meta"}] * 3
+    after = net.state_dict()
+    assert [t.data_ptr() for t in after.values()] == host  # back on the very host copy: leaving copies nothing
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ZeroDivisionError), run.on_device():
+        1 / 0
+    assert {t.device.type for t in net.state_dict().values()} == {"cpu"}
+
+
+def test_offloaded_reward_scores_each_call_with_its_weights_brought_once():
+    OFFLOAD_SEEN.clear()
+    reward = drpo.load_reward("test_drpo:offload_probe()", "meta", batch_size=2, offload=True)
+    assert {p.device.type for p in OFFLOAD_NETS[0].parameters()} == {"cpu"}
+    assert reward([None] * 5, ["a"] * 5).tolist() == [0, 1, 0, 1, 0]  # 3 batches of one call, all on the device
+    assert [w.device.type for w in OFFLOAD_SEEN] == ["meta"] * 3
+    assert all(w is OFFLOAD_SEEN[0] for w in OFFLOAD_SEEN)  # one copy to the device for the whole call
+    assert {p.device.type for p in OFFLOAD_NETS[0].parameters()} == {"cpu"}
 
 
 def test_a_missing_quantization_package_is_one_line_before_loading(tiny, tmp_path, capsys, monkeypatch):

@@ -1,7 +1,8 @@
 """One 24 GB card, measured (docs/cost.md, "One 24 GB card"): each recipe at its real architecture's size with random
 weights, 3 updates under torch.cuda.set_per_process_memory_fraction capped to 24 GiB of the card, and the same run
-without levers or cap, for the time per update. The peak is torch.cuda.max_memory_allocated(). --size toy runs the
-same commands on the tiny models on a CPU (no cap there: it checks that every recipe's flags run).
+without levers or cap, for the time per update and, for exact levers, a bitwise equal LoRA (lora_equal). The peak
+is torch.cuda.max_memory_allocated(). --size toy runs the same commands on the tiny models on a CPU (no cap there,
+and no --offload: it checks that every recipe's other flags run).
 
     python benchmarks/card_24gb.py --json benchmarks/results/card_24gb_h100.json          # GPU (gpu_check.sh 24gb)
     python benchmarks/card_24gb.py --size toy --json /tmp/card_24gb_toy.json              # CPU
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +34,9 @@ RECIPES = {
     "sd-turbo + hpsv3": ("sd", ["--candidates", "24", "--grad-chunk", "8", "--resolution", "512",
                                 "--reward", "benchmarks.card_24gb:hpsv3_architecture()"],
                          ["--cache-conditioning", "--quantize", "int8", "--reward-quantize", "int8"]),
+    "sd-turbo + hpsv3 exact": ("sd", ["--candidates", "24", "--grad-chunk", "8", "--resolution", "512",
+                                       "--reward", "benchmarks.card_24gb:hpsv3_architecture()"],
+                                ["--cache-conditioning", "--offload"]),
     "sdxl-turbo": ("sdxl", ["--candidates", "24", "--grad-chunk", "8", "--resolution", "512", "--reward", "brightness"],
                    ["--cache-conditioning", "--quantize", "int8"]),
     "flux-schnell": ("flux", ["--candidates", "8", "--resolution", "512", "--inference-steps", "4", "--features",
@@ -143,11 +148,17 @@ def main():
                 flags = toy(flags)
             t0 = time.time()
             model = build(arch, tmp, args.size)
+            if args.size == "toy":  # a CPU has no GPU to offload from
+                levers = [f for f in levers if f != "--offload"]
             row = {"levers": " ".join(levers), "built_s": time.time() - t0}
             for key, extra, cap in (("capped", levers, CAP_GIB), ("unconstrained", [], None)):
                 argv = ["--model", model, *flags, *extra, *COMMON, "--output-dir", f"{tmp}/{name}-{key}"]
                 row[key] = run(argv, cap, args.timeout)
                 print(name, key, row[key], flush=True)
+            loras = [Path(tmp, f"{name}-{k}", "pytorch_lora_weights.safetensors") for k in ("capped", "unconstrained")]
+            if all(f.is_file() for f in loras):  # exact levers: bitwise the same LoRA (tensors: the metadata's
+                a, b = (load_file(f) for f in loras)  # target-module set is in a per-process order)
+                row["lora_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
             results["recipes"][name] = row
             if args.json:  # after each recipe: what finished is kept if the device's time runs out
                 Path(args.json).write_text(json.dumps(results, indent=2))

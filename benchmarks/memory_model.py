@@ -137,18 +137,22 @@ def main():
           f"{args.card:.0f} GiB")
     for recipe, (gen, texts, v, reward) in RECIPES.items():
         act, source = acts.get(recipe, (None, "not measured"))
-        for quant, rquant, cached in (("bf16", "bf16", False), ("bf16", "bf16", True), ("int8", "int8", True),
-                                      ("nf4", "int8", True)):
-            if reward is None and rquant != quant and quant != "nf4":
+        for quant, rquant, cached, offload in (("bf16", "bf16", False, False), ("bf16", "bf16", True, False),
+                                               ("bf16", "bf16", True, True), ("int8", "int8", True, False),
+                                               ("nf4", "int8", True, False)):
+            if reward is None and (offload or rquant != quant and quant != "nf4"):
                 continue
             w = {"generator": weights_gib(*counts[gen][:2], quant),
                  "text encoders": 0.0 if cached else sum(weights_gib(*counts[t][:2], "bf16") for t in texts),
                  "vae": weights_gib(*counts[v][:2], "bf16"),
                  "lora + adam": counts[gen][2] * 16 / GiB,
                  "reward": weights_gib(*counts[reward][:2], rquant) if reward else 0.0}
-            total = sum(w.values()) + (act or 0)
+            # --offload: the reward's weights are on the GPU only in the reward phase, whose own activations (the
+            # reward's, not counted) replace the regression's; the peak is the larger of the two phases
+            total = max(sum(w.values()) - w["reward"] + (act or 0), sum(w.values())) if offload else \
+                sum(w.values()) + (act or 0)
             load = sum(w.values()) + sum(weights_gib(*counts[t][:2], "bf16") for t in texts) * cached
-            levers = ", ".join(filter(None, ["--cache-conditioning" if cached else "",
+            levers = ", ".join(filter(None, ["--cache-conditioning" if cached else "", "--offload" if offload else "",
                                              f"--quantize {quant}" if quant != "bf16" else "",
                                              f"--reward-quantize {rquant}" if reward and rquant != "bf16" else ""]))
             fits = "unknown (activations)" if act is None else "yes" if total <= args.card else "no"
