@@ -102,8 +102,9 @@ def offload(fn, networks, device):
     slots = [(table, name) for net in networks for m in net.modules() for table in (m._parameters, m._buffers)
              for name, t in table.items() if t is not None]
     host = [table[name] for table, name in slots]  # the networks' own tensors, moved to the host once
+    pin = torch.device(device).type == "cuda"  # pinned: the copies to the GPU run at full speed
     for t in {id(t): t for t in host}.values():
-        t.data = t.data.cpu().pin_memory() if torch.device(device).type == "cuda" else t.data.cpu()  # pinned: fast
+        t.data = t.data.cpu().pin_memory() if pin else t.data.cpu()
     held = []
 
     def place(tensors):
